@@ -1,0 +1,45 @@
+"""charlm: a character-level LSTM / GRU / RNN text generator.
+
+Python API (the CLI uses the same functions)::
+
+    import charlm
+    m = charlm.load("checkpoints/best.pt")
+    print(m.sample(prime="My fellow Americans", length=200, temperature=0.5, seed=1))
+    for ch in m.stream(length=200, temperature=0.8):
+        print(ch, end="", flush=True)
+
+    cfg = charlm.RunConfig()                 # defaults; tweak cfg.model / cfg.train
+    charlm.train(cfg, ["corpus.txt"], "runs/mine")
+    charlm.resume("runs/mine/latest.pt", {"max_steps": 4000})
+
+Attributes are imported lazily so that `import charlm` (and `charlm --help`) does not
+load PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["load", "train", "resume", "RunConfig", "ModelConfig", "TrainConfig", "CharLMError",
+           "__version__"]
+
+_LAZY = {
+    "load": ("charlm.api", "load"),
+    "CharLM": ("charlm.api", "CharLM"),
+    "train": ("charlm.train", "start"),
+    "resume": ("charlm.train", "resume"),
+    "RunConfig": ("charlm.config", "RunConfig"),
+    "ModelConfig": ("charlm.config", "ModelConfig"),
+    "TrainConfig": ("charlm.config", "TrainConfig"),
+    "CharLMError": ("charlm.errors", "CharLMError"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'charlm' has no attribute {name!r}")

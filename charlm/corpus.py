@@ -1,0 +1,214 @@
+"""Text sources: files, directories, globs and `nltk:NAME[/FILEID]`, read into one string.
+
+Every source is resolved to a list of documents first (so bad input is found before any
+text is read or any file written), then read and joined with `DOC_SEPARATOR`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import glob
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from charlm.errors import CharLMError
+
+DEFAULT_SOURCE = "nltk:state_union"
+# Documents are separated by a blank line so the model sees where one speech ends.
+DOC_SEPARATOR = "\n\n"
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One readable unit: a file on disk, or a file inside an NLTK corpus."""
+
+    source: str  # absolute path, or "nltk:NAME/FILEID"
+    path: Path | None = None
+    nltk_corpus: str | None = None
+    nltk_fileid: str | None = None
+
+
+@dataclass
+class Corpus:
+    """The concatenated text and a description of where it came from."""
+
+    text: str
+    specs: list[str]  # what the user typed
+    documents: list[str]  # every document read, in order
+    sha256: str
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "specs": list(self.specs),
+            "documents": list(self.documents),
+            "sha256": self.sha256,
+            "chars": len(self.text),
+        }
+
+
+def load_corpus(specs: list[str] | None, encoding: str | None = None) -> Corpus:
+    """Resolve and read CORPUS arguments (none means `nltk:state_union`)."""
+    specs = list(specs) if specs else [DEFAULT_SOURCE]
+    docs = [doc for spec in specs for doc in resolve(spec)]
+    return read_documents(docs, specs, encoding)
+
+
+def read_documents(docs: list[Document], specs: list[str], encoding: str | None) -> Corpus:
+    """Read resolved documents and join them; raises `CharLMError` for unreadable ones."""
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise CharLMError(f"--encoding: unknown encoding {encoding!r}") from None
+    parts = [_read(doc, encoding) for doc in docs]
+    text = DOC_SEPARATOR.join(parts)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return Corpus(text, specs, [d.source for d in docs], digest)
+
+
+def resolve(spec: str) -> list[Document]:
+    """Turn one CORPUS argument into its documents, in a stable (sorted) order."""
+    if spec.startswith("nltk:"):
+        return _resolve_nltk(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise CharLMError(f"{spec}: folder holds no .txt files")
+        return [Document(str(p.resolve()), path=p) for p in files]
+    if path.is_file():
+        return [Document(str(path.resolve()), path=path)]
+    if _GLOB_CHARS & set(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
+        files = [p for p in files if p.is_file()]
+        if not files:
+            raise CharLMError(f"{spec}: pattern matches no files")
+        return [Document(str(p.resolve()), path=p) for p in files]
+    if path.exists():
+        raise CharLMError(f"{spec}: not a regular file or folder")
+    raise CharLMError(f"{spec}: no such file or folder")
+
+
+def _read(doc: Document, encoding: str | None) -> str:
+    if doc.nltk_corpus is not None:
+        return _read_nltk(doc)
+    assert doc.path is not None
+    try:
+        data = doc.path.read_bytes()
+    except OSError as exc:
+        raise CharLMError(f"{doc.path}: cannot read: {exc.strerror}") from None
+    if not data:
+        raise CharLMError(f"{doc.path}: file is empty")
+    if encoding is None and b"\x00" in data[:8192]:
+        # NUL bytes never occur in UTF-8 text; this is an image, archive, checkpoint...
+        raise CharLMError(f"{doc.path}: looks like a binary file (contains NUL bytes), not text")
+    enc = encoding or "utf-8-sig"  # utf-8-sig is strict UTF-8 that drops a leading BOM
+    try:
+        text = data.decode(enc)
+    except UnicodeDecodeError as exc:
+        name = encoding or "UTF-8"
+        raise CharLMError(
+            f"{doc.path}: not valid {name} at byte {exc.start} (try --encoding latin-1)"
+        ) from None
+    if not text:
+        raise CharLMError(f"{doc.path}: file is empty")
+    return text
+
+
+# --- NLTK ---------------------------------------------------------------------------------
+
+
+def _nltk_reader(name: str):  # -> nltk CorpusReader
+    """The corpus reader NLTK itself defines for `name` (it knows the corpus's encoding),
+    downloading the corpus with NLTK's downloader when it is missing."""
+    try:
+        import nltk  # noqa: F401  (slow import, only when an nltk: source is used)
+        import nltk.corpus
+        from nltk.corpus.reader import PlaintextCorpusReader
+    except ImportError:
+        raise CharLMError("nltk is not installed: pip install nltk") from None
+
+    if not name or "/" in name or name.startswith(("_", ".")):
+        raise CharLMError(f"nltk:{name}: not a corpus name")
+    reader = getattr(nltk.corpus, name, None)
+    known = reader is not None and hasattr(reader, "fileids")
+    if not known:
+        # Not one of NLTK's predefined corpora: read corpora/NAME as plain UTF-8 text files.
+        try:
+            root = nltk.data.find(f"corpora/{name}")
+        except LookupError:
+            raise CharLMError(
+                f"nltk:{name}: unknown NLTK corpus (not predefined by NLTK and no "
+                f"corpora/{name} under NLTK_DATA)"
+            ) from None
+        return PlaintextCorpusReader(root, r"(?!\.).*\.txt", encoding="utf8")
+    try:
+        reader.ensure_loaded()
+    except LookupError:
+        _download(name)
+        try:
+            reader.ensure_loaded()
+        except LookupError:
+            raise _missing(name) from None
+    except (AttributeError, TypeError):
+        pass  # readers without ensure_loaded() load on first use
+    if not hasattr(reader, "raw"):
+        raise CharLMError(f"nltk:{name}: not a plaintext corpus (it has no raw text)")
+    return reader
+
+
+def _missing(name: str) -> CharLMError:
+    return CharLMError(
+        f"nltk:{name}: NLTK corpus not found and could not be downloaded; get it with "
+        f"`python -m nltk.downloader {name}`, or set NLTK_DATA to a folder that has "
+        f"corpora/{name}.zip"
+    )
+
+
+def _download(name: str) -> None:
+    """Fetch a missing corpus with NLTK's own downloader; failures are reported by the caller."""
+    import nltk
+
+    if os.environ.get("CHARLM_NO_DOWNLOAD"):
+        return
+    # The downloader prints progress on stdout; keep stdout for generated text only.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            nltk.download(name, quiet=True, raise_on_error=False)
+        except Exception:  # noqa: BLE001 - any network failure means "could not download"
+            pass
+
+
+def _resolve_nltk(spec: str) -> list[Document]:
+    name, _, fileid = spec[len("nltk:"):].partition("/")
+    reader = _nltk_reader(name)
+    try:
+        fileids = list(reader.fileids())
+    except LookupError:
+        raise _missing(name) from None
+    if fileid:
+        if fileid not in fileids:
+            raise CharLMError(f"{spec}: corpus {name} has no file {fileid!r}")
+        fileids = [fileid]
+    if not fileids:
+        raise CharLMError(f"{spec}: corpus holds no files")
+    return [Document(f"nltk:{name}/{f}", nltk_corpus=name, nltk_fileid=f) for f in fileids]
+
+
+def _read_nltk(doc: Document) -> str:
+    assert doc.nltk_corpus is not None and doc.nltk_fileid is not None
+    reader = _nltk_reader(doc.nltk_corpus)
+    try:
+        text = reader.raw(doc.nltk_fileid)
+    except UnicodeDecodeError as exc:
+        raise CharLMError(f"{doc.source}: not valid in the corpus's encoding: {exc.reason}") from None
+    except (LookupError, OSError) as exc:
+        raise CharLMError(f"{doc.source}: cannot read: {exc}") from None
+    if not text:
+        raise CharLMError(f"{doc.source}: file is empty")
+    return text

@@ -1,0 +1,17 @@
+"""The one exception family the library raises; only the CLI turns it into exit codes."""
+
+from __future__ import annotations
+
+
+class CharLMError(Exception):
+    """Bad input or an unusable file: the CLI prints the message on one line and exits 2."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving `checkpoint`; the CLI exits 128 + signum."""
+
+    def __init__(self, signum: int, checkpoint: str, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step

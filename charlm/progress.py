@@ -1,0 +1,116 @@
+"""What a user sees during training: a tqdm bar on a terminal, plain lines otherwise.
+
+Part of the CLI layer (the library reports through `Callbacks`; this draws it on stderr).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from charlm.train import Callbacks, TrainResult
+
+
+class Reporter(Callbacks):
+    """Progress bar, evaluation lines, live previews and the closing summary, on stderr."""
+
+    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar: tqdm | None = None
+        self.smooth: float | None = None
+        self.val: float | None = None
+        self.stop: Any = None
+
+    def _print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if self.stop is not None:
+            self.stop.install()  # from here on Ctrl-C saves a checkpoint
+        if self.quiet:
+            return
+        m = info["config"]["model"]
+        verb = f"resuming at step {info['step']:,}" if info["resumed"] else "training"
+        self._print(
+            f"charlm: {verb}: {m['num_layers']}x{m['hidden_size']} {m['cell'].upper()}, "
+            f"{info['params']:,} parameters, {info['vocab_size']} characters; "
+            f"{info['train_chars']:,} train / {info['val_chars']:,} held-out chars; "
+            f"{info['device']} {info['precision']}; output {info['out_dir']}/"
+        )
+        if self.tty:
+            self.bar = tqdm(total=info["total_steps"], initial=info["step"], file=self.stream,
+                            unit="step", dynamic_ncols=True, leave=True)
+
+    def on_plan(self, total_steps: int) -> None:
+        if self.bar is not None and self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
+    def on_step(self, stats: dict[str, Any]) -> None:
+        bpc = stats["bpc"]
+        # Exponential smoothing: per-batch loss is noisy, the trend is what matters.
+        self.smooth = bpc if self.smooth is None else 0.95 * self.smooth + 0.05 * bpc
+        if self.bar is None:
+            return
+        post = {"bpc": f"{self.smooth:.3f}"}
+        if self.val is not None:
+            post["val"] = f"{self.val:.3f}"
+        post["chars/s"] = f"{stats['chars_per_s']:,.0f}"
+        post["lr"] = f"{stats['lr']:.2e}"
+        if stats["time_cap"] is not None:
+            post["left"] = f"{max(0.0, stats['time_cap'] - stats['elapsed']):.0f}s"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(stats["step"] - self.bar.n)
+
+    def on_eval(self, record: dict[str, Any], previews: list[tuple[float, str]]) -> None:
+        self.val = record["val_bpc"]
+        self._print(
+            f"step {record['step']:,}: train {record['train_bpc']:.3f} bpc, val "
+            f"{record['val_bpc']:.3f} bpc, lr {record['lr']:.2e}, {record['chars']:,} chars, "
+            f"{record['elapsed']:.0f}s"
+        )
+        for t, text in previews:
+            self._print(f"  --- sample at temperature {t:g} ---\n  " + text.replace("\n", "\n  "))
+
+    def on_message(self, text: str) -> None:
+        self._print(f"charlm: {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def summary(self, result: TrainResult) -> None:
+        if self.quiet:
+            return
+        best = "-" if result.best_val_bpc is None else f"{result.best_val_bpc:.4f}"
+        state = "finished" if result.finished else "paused (time budget reached)"
+        out = result.out_dir
+        lines = [
+            f"charlm: {state} at step {result.step:,}"
+            + (f" of {result.total_steps:,}" if result.total_steps else "")
+            + f"; {result.chars_seen:,} chars seen in {result.elapsed:.0f}s of training; "
+            f"best val bpc {best}",
+            f"charlm: checkpoints in {out}/ (latest.pt, best.pt)",
+        ]
+        best_pt = out / "best.pt"
+        sample_ckpt = best_pt if best_pt.exists() else out / "latest.pt"
+        lines.append(f"  sample:  charlm sample --checkpoint {shlex.quote(str(sample_ckpt))} --temperature 0.5")
+        latest = shlex.quote(str(out / "latest.pt"))
+        if result.finished:
+            lines.append(f"  train on: charlm resume {latest} --max-steps {result.step * 2}")
+        else:
+            lines.append(f"  resume:  charlm resume {latest}")
+        lines.append(f"  plot:    charlm plot {shlex.quote(str(out))}")
+        for line in lines:
+            print(line, file=self.stream, flush=True)

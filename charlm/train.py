@@ -1,0 +1,532 @@
+"""The training loop: state carry, clipping, schedule, evaluation, checkpoint cadence.
+
+`start` begins a run in an output folder and `resume` continues one from a checkpoint.
+Both report progress through a `Callbacks` object (the CLI draws it; the library itself
+never prints) and stop cleanly when `should_stop()` returns a signal number: the current
+step finishes, `latest.pt` is saved, and `TrainingInterrupted` is raised.
+
+Exact resume: a checkpoint holds weights, optimizer, step, the planned step count, every
+RNG state training uses, the data position and the carried hidden state, so N steps +
+resume + M steps equals N + M steps in one run, bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from charlm import checkpoint as ckpt_io
+from charlm.config import RunConfig, TrainConfig, parse_duration, to_toml
+from charlm.corpus import Corpus, load_corpus
+from charlm.data import StreamBatcher, eval_streams, split
+from charlm.device import autocast_dtype, resolve_device, resolve_precision
+from charlm.errors import CharLMError, TrainingInterrupted
+from charlm.model import CharRNN, State, detach_state, state_from_list, state_to_list
+from charlm.schedule import lr_at
+from charlm.vocab import Vocab
+
+LN2 = math.log(2.0)
+DEFAULT_MAX_STEPS = 2000  # used when neither --max-steps nor --time is given
+PROBE_STEPS = 10  # a --time run measures this many steps before fixing its step count
+TIME_MARGIN = 0.03  # plan to finish 3 % early: timing noise must not push past the budget
+PREVIEW_TEMPERATURES = (0.2, 0.5, 1.0)
+# Settings a resume may change; everything else would make it a different run.
+RESUMABLE = {"max_steps", "time", "device", "eval_interval", "keep", "precision",
+             "compile", "preview_length"}
+
+
+class Callbacks:
+    """Progress hooks; every method is optional. The CLI's reporter overrides them."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_plan(self, total_steps: int) -> None: ...
+
+    def on_step(self, stats: dict[str, Any]) -> None: ...
+
+    def on_eval(self, record: dict[str, Any], previews: list[tuple[float, str]]) -> None: ...
+
+    def on_message(self, text: str) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a training session ended with."""
+
+    out_dir: Path
+    step: int
+    total_steps: int | None
+    chars_seen: int
+    elapsed: float
+    best_val_bpc: float | None
+    last_val_bpc: float | None
+    finished: bool  # False when a --time cap paused the run before its planned end
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+StopCheck = Callable[[], int]
+
+
+def _never() -> int:
+    return 0
+
+
+def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, chunk: int = 1024) -> tuple[float, int]:
+    """Bits per character of `ids` (fp32, no autograd, dropout off) and how many were scored."""
+    rows = eval_streams(ids).to(device)  # (S, L)
+    was_training = model.training
+    model.eval()
+    total_bits = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    state: State | None = None
+    with torch.inference_mode():
+        for start in range(0, rows.shape[1] - 1, chunk):
+            x = rows[:, start : start + chunk]
+            y = rows[:, start + 1 : start + chunk + 1]
+            x = x[:, : y.shape[1]]
+            logits, state = model(x, state)  # (S, T, V), carried across chunks
+            nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            total_bits += nats.double() / LN2
+            count += y.numel()
+    model.train(was_training)
+    return float(total_bits) / max(1, count), count
+
+
+class Trainer:
+    """One run: model, optimizer, data stream and all state that a checkpoint carries."""
+
+    def __init__(self, cfg: RunConfig, vocab: Vocab, ids: torch.Tensor, corpus: dict[str, Any],
+                 out_dir: Path, device: torch.device) -> None:
+        self.cfg = cfg
+        self.vocab = vocab
+        self.corpus = corpus
+        self.out_dir = out_dir
+        self.device = device
+        tc = cfg.train
+        self.precision = resolve_precision(tc.precision, device)
+        self.split = split(ids, tc.val_fraction)
+        self.batcher = StreamBatcher(self.split.train, tc.batch_size, tc.seq_len, device)
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        self.model = CharRNN(cfg.model, len(vocab)).to(device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr, betas=(0.9, 0.99),
+        )
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.step = 0
+        self.total_steps: int | None = None
+        self.plan_final = False
+        self.chars_seen = 0
+        self.elapsed = 0.0  # training seconds over all sessions
+        self.sec_per_step: float | None = None
+        self.eval_seconds: float | None = None
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.loss_sum = 0.0  # train bits since the last evaluation (for the metrics line)
+        self.loss_count = 0
+        self.state: State | None = None
+
+    # --- checkpoint state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        hidden = [t.detach().float().cpu() for t in state_to_list(self.state)] if self.state is not None else []
+        return {
+            "format": ckpt_io.FORMAT,
+            "version": ckpt_io.VERSION,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "config": self.cfg.to_dict(),
+            "vocab": self.vocab.chars,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "plan_final": self.plan_final,
+            "chars_seen": self.chars_seen,
+            "elapsed": self.elapsed,
+            "sec_per_step": self.sec_per_step,
+            "eval_seconds": self.eval_seconds,
+            "best_val_bpc": self.best_val,
+            "last_val_bpc": self.last_val,
+            "loss_window": [self.loss_sum, self.loss_count],
+            "rng": rng,
+            "data": self.batcher.state_dict(),
+            "hidden": hidden,
+            "corpus": self.corpus,
+            "device": self.device.type,
+            "precision": self.precision,
+        }
+
+    def load_state_dict(self, ck: dict[str, Any]) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ck["scaler"])
+        self.step = int(ck["step"])
+        self.total_steps = ck.get("total_steps")
+        self.plan_final = bool(ck.get("plan_final", False))
+        self.chars_seen = int(ck.get("chars_seen", 0))
+        self.elapsed = float(ck.get("elapsed", 0.0))
+        self.sec_per_step = ck.get("sec_per_step")
+        self.eval_seconds = ck.get("eval_seconds")
+        self.best_val = ck.get("best_val_bpc")
+        self.last_val = ck.get("last_val_bpc")
+        self.loss_sum, self.loss_count = ck.get("loss_window", [0.0, 0])
+        self.batcher.load_state_dict(ck["data"])
+        hidden = ck.get("hidden") or []
+        self.state = state_from_list([t.to(self.device) for t in hidden], self.cfg.model.cell) if hidden else None
+        # RNG last: building the model above drew random numbers for its initial weights.
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def save(self, best: bool, step_file: bool) -> list[Path]:
+        """Write latest.pt (and best.pt / step-N.pt); each write is atomic."""
+        data = ckpt_io.serialize(self.state_dict())
+        targets = [self.out_dir / "latest.pt"]
+        if best:
+            targets.append(self.out_dir / "best.pt")
+        if step_file and self.cfg.train.keep > 0:
+            targets.append(self.out_dir / f"step-{self.step:07d}.pt")
+        for path in targets:
+            ckpt_io.write_atomic(path, data)
+        if step_file:
+            # Older step files go only after the new one is safely on disk.
+            ckpt_io.prune_steps(self.out_dir, self.cfg.train.keep)
+        return targets
+
+    # --- training ---------------------------------------------------------------------------
+    def _plan(self, remaining: float) -> int:
+        """Steps that fit in `remaining` seconds at the measured speed, evaluations included."""
+        assert self.sec_per_step is not None
+        tc = self.cfg.train
+        eval_s = self.eval_seconds
+        if eval_s is None:
+            # Not measured yet: a forward pass costs about a third of forward + backward.
+            eval_s = len(self.split.val) * self.sec_per_step / self.batcher.chars_per_batch / 3
+        per_step = self.sec_per_step + eval_s / tc.eval_interval
+        steps = int(max(0.0, remaining * (1 - TIME_MARGIN) - eval_s) / per_step)
+        return self.step + max(1, steps)
+
+    def fit(self, time_cap: float | None, max_steps: int | None, callbacks: Callbacks,
+            should_stop: StopCheck) -> TrainResult:
+        """Train until the planned step count, the time cap, or a stop signal."""
+        tc = self.cfg.train
+        session_start = time.perf_counter()
+        self.model.train()
+        ac_dtype = autocast_dtype(self.precision)
+        autocast = (torch.autocast(self.device.type, dtype=ac_dtype) if ac_dtype is not None
+                    else contextlib.nullcontext())
+        if self.total_steps is None and time_cap is None:
+            self.total_steps = max_steps or DEFAULT_MAX_STEPS
+            self.plan_final = True
+        if self.total_steps is not None:
+            callbacks.on_plan(self.total_steps)
+        timed_steps, timed_seconds = 0, 0.0
+        session_steps = 0
+        last_saved: list[Path] = []
+        finished = True
+        while self.total_steps is None or self.step < self.total_steps:
+            signum = should_stop()
+            if signum:
+                paths = self.save(best=False, step_file=False)
+                raise TrainingInterrupted(signum, str(paths[0]), self.step)
+            now = time.perf_counter()
+            if time_cap is not None and now - session_start >= time_cap:
+                finished = False
+                break
+            x, y, reset = self.batcher.next()  # (B, T) each
+            if reset or self.state is None:
+                self.state = self.model.init_state(x.shape[0], self.device)
+            lr = lr_at(self.step, self.total_steps, tc)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            with autocast:
+                logits, state = self.forward(x, self.state)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            # Clip the global gradient norm: one long sequence can otherwise blow up an RNN.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            # Keep the values (context) but cut the graph: truncated BPTT over seq_len steps.
+            self.state = detach_state(state)
+            bpc = loss.item() / LN2
+            dt = time.perf_counter() - t0
+            self.step += 1
+            session_steps += 1
+            self.chars_seen += x.numel()
+            self.elapsed += time.perf_counter() - now
+            self.loss_sum += bpc
+            self.loss_count += 1
+            if session_steps > 2:  # the first steps pay for allocation and warm-up
+                timed_steps += 1
+                timed_seconds += dt
+                self.sec_per_step = timed_seconds / timed_steps
+            if time_cap is not None and not self.plan_final and self.sec_per_step is not None \
+                    and session_steps >= PROBE_STEPS:
+                plan = self._plan(time_cap - (time.perf_counter() - session_start))
+                self.total_steps = min(plan, max_steps) if max_steps else plan
+                callbacks.on_plan(self.total_steps)
+            callbacks.on_step({
+                "step": self.step, "total": self.total_steps, "bpc": bpc, "lr": lr,
+                "chars_per_s": x.numel() / dt if dt > 0 else 0.0,
+                "elapsed": time.perf_counter() - session_start, "time_cap": time_cap,
+                "chars_seen": self.chars_seen,
+            })
+            at_end = self.total_steps is not None and self.step >= self.total_steps
+            if self.step % tc.eval_interval == 0 or at_end:
+                last_saved = self._evaluate_and_save(callbacks, session_start, time_cap, max_steps)
+        if not finished or not last_saved or self.step == 0:
+            last_saved = self.save(best=False, step_file=False) if self.step else []
+        return TrainResult(self.out_dir, self.step, self.total_steps, self.chars_seen, self.elapsed,
+                           self.best_val, self.last_val, finished, last_saved)
+
+    def _evaluate_and_save(self, callbacks: Callbacks, session_start: float, time_cap: float | None,
+                           max_steps: int | None) -> list[Path]:
+        t0 = time.perf_counter()
+        val_bpc, _ = evaluate(self.model, self.split.val, self.device)
+        self.eval_seconds = time.perf_counter() - t0
+        if time_cap is not None and not self.plan_final and self.sec_per_step is not None:
+            # Re-plan once with the measured evaluation cost, then keep the plan fixed.
+            plan = self._plan(time_cap - (time.perf_counter() - session_start))
+            self.total_steps = min(plan, max_steps) if max_steps else plan
+            self.plan_final = True
+            callbacks.on_plan(self.total_steps)
+        improved = self.best_val is None or val_bpc < self.best_val
+        if improved:
+            self.best_val = val_bpc
+        self.last_val = val_bpc
+        record = {
+            "step": self.step,
+            "chars": self.chars_seen,
+            "train_bpc": self.loss_sum / max(1, self.loss_count),
+            "val_bpc": val_bpc,
+            "lr": lr_at(self.step - 1, self.total_steps, self.cfg.train),
+            "elapsed": round(self.elapsed, 3),
+        }
+        self.loss_sum, self.loss_count = 0.0, 0
+        saved = self.save(best=improved, step_file=True)
+        # Metrics after the checkpoint: a crash in between loses a line, never invents one.
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        previews = self.previews()
+        callbacks.on_eval(record, previews)
+        return saved
+
+    def previews(self) -> list[tuple[float, str]]:
+        """Short samples at a few temperatures; their own RNG leaves training untouched."""
+        n = self.cfg.train.preview_length
+        if n <= 0:
+            return []
+        from charlm.sample import Sampler
+
+        sampler = Sampler(self.model, self.vocab, self.device)
+        out = []
+        for t in PREVIEW_TEMPERATURES:
+            text = "".join(sampler.generate(length=n, temperature=t, seed=self.step))
+            out.append((t, text))
+        self.model.train()
+        return out
+
+
+def _as_tuple(value: Any) -> Any:
+    """Python's RNG state comes back from a checkpoint with lists where tuples were."""
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def existing_run(out_dir: Path) -> Path | None:
+    """The first file showing that `out_dir` already holds a run, if any."""
+    for name in ckpt_io.RUN_FILES:
+        if (out_dir / name).exists():
+            return out_dir / name
+    steps = ckpt_io.step_files(out_dir) if out_dir.is_dir() else []
+    return steps[0] if steps else None
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse (or, with force, clear) a folder that holds a run; never touches other files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CharLMError(f"--out {out_dir}: exists and is not a folder")
+    found = existing_run(out_dir)
+    if found is not None and not force:
+        raise CharLMError(
+            f"--out {out_dir}: already holds a run ({found.name}); continue it with "
+            f"`charlm resume {out_dir / 'latest.pt'}`, or pass --force to start over, "
+            f"or choose another --out"
+        )
+
+
+def _clear_run(out_dir: Path) -> None:
+    for name in ckpt_io.RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for p in ckpt_io.step_files(out_dir):
+        p.unlink(missing_ok=True)
+
+
+def start(cfg: RunConfig, specs: list[str] | None, out_dir: Path, *, encoding: str | None = None,
+          force: bool = False, callbacks: Callbacks | None = None,
+          should_stop: StopCheck = _never, corpus: Corpus | None = None) -> TrainResult:
+    """Train a new model on CORPUS specs into `out_dir`.
+
+    Everything is validated (config, device, corpus, output folder) before the first write.
+    """
+    callbacks = callbacks or Callbacks()
+    cfg.validate()
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, force)
+    device = resolve_device(cfg.train.device)
+    time_cap = parse_duration(cfg.train.time) if cfg.train.time else None
+    if corpus is None:
+        corpus = load_corpus(specs, encoding)
+    vocab, ids = Vocab.build(corpus.text)
+    desc = corpus.describe()
+    desc["encoding"] = encoding or ""
+    trainer = Trainer(cfg, vocab, ids, desc, out_dir, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_io.clean_temporary(out_dir)
+    if force:
+        _clear_run(out_dir)
+    ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
+    callbacks.on_start(_info(trainer, resumed=False))
+    return trainer.fit(time_cap, cfg.train.max_steps or None, callbacks, should_stop)
+
+
+def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: dict[str, Any] | None = None,
+           callbacks: Callbacks | None = None, should_stop: StopCheck = _never) -> TrainResult:
+    """Continue the run that wrote checkpoint `path`, in the checkpoint's folder.
+
+    `overrides` may change only budgets, device, precision and evaluation/checkpoint
+    cadence (`RESUMABLE`); `config_file` (a parsed --config) may repeat the run's other
+    settings but not change them. Anything else raises `CharLMError` naming the setting.
+    """
+    callbacks = callbacks or Callbacks()
+    path = Path(path)
+    ck = ckpt_io.load(path)
+    cfg = RunConfig.from_dict(ck["config"], origin=str(path))
+    _check_changes(cfg, config_file or {}, "--config")
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in changes.items():
+        if key not in RESUMABLE:
+            raise CharLMError(f"--{key.replace('_', '-')}: cannot be changed on resume")
+        setattr(cfg.train, key, value)
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    out_dir = path.parent
+    step = int(ck["step"])
+    total = ck.get("total_steps")
+    new_max = changes.get("max_steps")
+    if new_max is not None and new_max < step:
+        raise CharLMError(f"--max-steps {new_max}: the run is already at step {step}")
+    time_cap = parse_duration(cfg.train.time) if "time" in changes else None
+
+    corpus = _reload_corpus(ck["corpus"], path)
+    vocab, ids = Vocab.build(corpus.text)
+    if vocab.chars != ck["vocab"]:
+        raise CharLMError(f"{path}: the corpus's vocabulary differs from the checkpoint's")
+    trainer = Trainer(cfg, vocab, ids, ck["corpus"], out_dir, device)
+    trainer.load_state_dict(ck)
+    if new_max is not None:
+        trainer.total_steps, trainer.plan_final = new_max, True
+    elif total is not None and step >= total and time_cap is not None:
+        # A finished run given more time: extend by what fits, at the measured speed.
+        if trainer.sec_per_step is None:
+            raise CharLMError(f"{path}: the run has no measured speed to plan --time with; use --max-steps")
+        trainer.total_steps, trainer.plan_final = trainer._plan(time_cap), True
+    elif total is not None and step >= total:
+        raise CharLMError(
+            f"{path}: the run already finished its {total} steps; extend it with --max-steps N "
+            f"(N > {step}) or --time DURATION"
+        )
+    ckpt_io.clean_temporary(out_dir)
+    _truncate_metrics(out_dir / "metrics.jsonl", step)
+    ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
+    callbacks.on_start(_info(trainer, resumed=True))
+    return trainer.fit(time_cap, new_max, callbacks, should_stop)
+
+
+def _check_changes(cfg: RunConfig, data: dict[str, Any], origin: str) -> None:
+    """Refuse a config that changes a setting a resume must keep (architecture, data...)."""
+    current = cfg.to_dict()
+    candidate = RunConfig.from_dict(data, origin).to_dict() if data else current
+    for section, values in data.items():
+        for key in values:
+            if key in RESUMABLE:
+                continue
+            if candidate[section][key] != current[section][key]:
+                raise CharLMError(
+                    f"{origin}: cannot change {section}.{key} on resume (run has "
+                    f"{current[section][key]!r}, got {candidate[section][key]!r})"
+                )
+
+
+def _reload_corpus(desc: dict[str, Any], path: Path) -> Corpus:
+    """Read the run's documents again and check the text is the one it trained on."""
+    from charlm.corpus import read_documents, resolve
+
+    docs = [doc for source in desc["documents"] for doc in resolve(source)]
+    corpus = read_documents(docs, desc["specs"], desc.get("encoding") or None)
+    if corpus.sha256 != desc["sha256"]:
+        raise CharLMError(
+            f"{path}: the corpus changed since this checkpoint was written "
+            f"({', '.join(desc['specs'])}); resume needs the same text"
+        )
+    return corpus
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after `step` (the run continues from that checkpoint)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(keep) != len(lines):
+        ckpt_io.write_atomic(path, "".join(line + "\n" for line in keep).encode("utf-8"))
+
+
+def _info(trainer: Trainer, resumed: bool) -> dict[str, Any]:
+    return {
+        "resumed": resumed,
+        "out_dir": str(trainer.out_dir),
+        "device": trainer.device.type,
+        "precision": trainer.precision,
+        "params": trainer.model.num_parameters(),
+        "vocab_size": len(trainer.vocab),
+        "train_chars": len(trainer.split.train),
+        "val_chars": len(trainer.split.val),
+        "step": trainer.step,
+        "total_steps": trainer.total_steps,
+        "config": trainer.cfg.to_dict(),
+        "corpus": trainer.corpus,
+    }
