@@ -370,5 +370,23 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors become one line on stderr and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err("charlm: interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        # Click's usage errors (vendored inside newer Typer, so matched by interface).
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `charlm`: show the help
+            err(exc.format_message())
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "charlm"
+        err(f"{where}: error: {exc.format_message()} (see {where} --help)")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -10,8 +10,8 @@ import codecs
 import contextlib
 import glob
 import hashlib
+import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +135,10 @@ def _nltk_reader(name: str):  # -> nltk CorpusReader
 
     if not name or "/" in name or name.startswith(("_", ".")):
         raise CharLMError(f"nltk:{name}: not a corpus name")
+    from nltk.corpus.util import LazyCorpusLoader
+
     reader = getattr(nltk.corpus, name, None)
-    known = reader is not None and hasattr(reader, "fileids")
-    if not known:
+    if not isinstance(reader, LazyCorpusLoader):
         # Not one of NLTK's predefined corpora: read corpora/NAME as plain UTF-8 text files.
         try:
             root = nltk.data.find(f"corpora/{name}")
@@ -148,15 +149,13 @@ def _nltk_reader(name: str):  # -> nltk CorpusReader
             ) from None
         return PlaintextCorpusReader(root, r"(?!\.).*\.txt", encoding="utf8")
     try:
-        reader.ensure_loaded()
+        reader.fileids  # noqa: B018 - attribute access makes the lazy loader find the corpus
     except LookupError:
         _download(name)
         try:
-            reader.ensure_loaded()
+            reader.fileids  # noqa: B018
         except LookupError:
             raise _missing(name) from None
-    except (AttributeError, TypeError):
-        pass  # readers without ensure_loaded() load on first use
     if not hasattr(reader, "raw"):
         raise CharLMError(f"nltk:{name}: not a plaintext corpus (it has no raw text)")
     return reader
@@ -176,8 +175,9 @@ def _download(name: str) -> None:
 
     if os.environ.get("CHARLM_NO_DOWNLOAD"):
         return
-    # The downloader prints progress on stdout; keep stdout for generated text only.
-    with contextlib.redirect_stdout(sys.stderr):
+    # The downloader prints progress and errors on stdout; keep both streams clean (a
+    # failure is reported by the caller in one line that says how to get the corpus).
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             nltk.download(name, quiet=True, raise_on_error=False)
         except Exception:  # noqa: BLE001 - any network failure means "could not download"
