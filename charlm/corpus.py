@@ -179,7 +179,7 @@ def _download(name: str) -> None:
     # failure is reported by the caller in one line that says how to get the corpus).
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            nltk.download(name, quiet=True, raise_on_error=False)
+            nltk.download(name, quiet=True, raise_on_error=False, print_error_to=io.StringIO())
         except Exception:  # noqa: BLE001 - any network failure means "could not download"
             pass
 
