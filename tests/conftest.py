@@ -1,0 +1,58 @@
+"""Shared fixtures: a small text corpus, tiny model flags, and a CLI runner.
+
+Everything runs on the CPU in seconds and never touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+# The real NLTK State of the Union corpus on the development machines (absent in a user's clone).
+SHARED_NLTK = ROOT.parent / "shared" / "data" / "nltk_data"
+
+# A tiny but learnable model: trains a few hundred steps per second on 2 CPU cores.
+TINY = ["--hidden-size", "32", "--num-layers", "1", "--embedding-size", "16", "--seq-len", "16",
+        "--batch-size", "4", "--eval-interval", "10", "--no-preview", "--quiet"]
+
+TEXT = (
+    "Mr. Speaker, Mr. President, Members of the Congress, my fellow Americans:\n"
+    "We meet tonight in a time of great change. The state of our Union is strong.\n"
+    "Our economy is growing, our schools are improving, and our people are at work.\n"
+) * 30
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never download: a missing NLTK corpus fails at once, as when offline."""
+    monkeypatch.setenv("CHARLM_NO_DOWNLOAD", "1")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "speech.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def charlm_cmd() -> list[str]:
+    """The installed console script, or `python -m charlm` where it is not on PATH."""
+    script = Path(sys.executable).with_name("charlm")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "charlm"]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, CHARLM_NO_DOWNLOAD="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
