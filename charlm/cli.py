@@ -178,6 +178,17 @@ def train(
     finally:
         stop.restore()
         reporter.close()
+    _finish(reporter, result)
+
+
+def _finish(reporter: Any, result: Any) -> None:
+    """Closing summary, and the loss plot when matplotlib is installed (it is optional)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
+        from charlm.plot import plot_run
+
+        result.plot = plot_run(result.out_dir)
     reporter.summary(result)
 
 
@@ -213,7 +224,7 @@ def resume(
     finally:
         stop.restore()
         reporter.close()
-    reporter.summary(result)
+    _finish(reporter, result)
 
 
 def _reporter(quiet: bool):  # -> charlm.progress.Reporter

@@ -111,6 +111,9 @@ class Reporter(Callbacks):
             lines.append(f"  train on: charlm resume {latest} --max-steps {result.step * 2}")
         else:
             lines.append(f"  resume:  charlm resume {latest}")
-        lines.append(f"  plot:    charlm plot {shlex.quote(str(out))}")
+        if result.plot is not None:
+            lines.append(f"charlm: loss curves in {result.plot}")
+        else:
+            lines.append(f"  plot:    charlm plot {shlex.quote(str(out))}   (pip install 'charlm[plot]')")
         for line in lines:
             print(line, file=self.stream, flush=True)

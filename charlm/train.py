@@ -71,6 +71,7 @@ class TrainResult:
     last_val_bpc: float | None
     finished: bool  # False when a --time cap paused the run before its planned end
     checkpoints: list[Path] = field(default_factory=list)
+    plot: Path | None = None  # loss.png, when the CLI drew one
 
 
 StopCheck = Callable[[], int]

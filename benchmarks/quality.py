@@ -1,0 +1,119 @@
+"""Held-out bits per character after a fixed time budget on State of the Union.
+
+    python benchmarks/quality.py --time 4m                       # the built-in default
+    python benchmarks/quality.py --time 4m --set hidden_size=512 --set lr=0.002
+    python benchmarks/quality.py --time 1m --sweep               # screen the sweep grid
+
+Trains with charlm's own trainer (the last 5 % of the corpus, the latest speeches, held
+out), evaluates the final model on all of the held-out text, and prints one JSON line per
+run. `--sweep` runs the candidate grid below one after another and ends with a markdown
+table for benchmarks/RESULTS.md. Needs NLTK_DATA pointing at a folder with state_union.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dataclasses import fields
+
+from charlm.config import RunConfig, apply_overrides
+from charlm.corpus import load_corpus
+from charlm.train import start
+
+# Each candidate changes a few settings from the defaults; keep the list short enough to
+# screen at --time 1m, then confirm the best few at the real budget.
+SWEEP: list[dict[str, object]] = [
+    {},
+    {"hidden_size": 384, "num_layers": 1},
+    {"hidden_size": 512, "num_layers": 1},
+    {"hidden_size": 192, "num_layers": 2},
+    {"hidden_size": 256, "num_layers": 3},
+    {"seq_len": 64},
+    {"seq_len": 256},
+    {"batch_size": 32},
+    {"batch_size": 128},
+    {"lr": 0.006},
+    {"lr": 0.0015},
+    {"embedding_size": 32},
+    {"dropout": 0.1},
+    {"weight_decay": 0.1},
+]
+
+
+def parse_set(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            value: object = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def config_for(changes: dict[str, object], budget: str, seed: int) -> RunConfig:
+    cfg = RunConfig()
+    model_keys = {f.name for f in fields(cfg.model)}
+    nested: dict[str, dict[str, object]] = {"model": {}, "train": {}}
+    for key, value in changes.items():
+        nested["model" if key in model_keys else "train"][key] = value
+    nested["train"].update({"time": budget, "seed": seed, "preview_length": 0, "keep": 0})
+    apply_overrides(cfg, nested, "benchmark")
+    return cfg.validate()
+
+
+def run_one(changes: dict[str, object], budget: str, seed: int, corpus) -> dict[str, object]:
+    cfg = config_for(changes, budget, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = start(cfg, None, Path(tmp) / "run", corpus=corpus)
+        wall = time.perf_counter() - t0
+    return {
+        "changes": changes,
+        "time_budget": budget,
+        "val_bpc": round(result.last_val_bpc, 4),
+        "best_val_bpc": round(result.best_val_bpc, 4),
+        "steps": result.step,
+        "chars_seen": result.chars_seen,
+        "train_chars_per_s": round(result.chars_seen / result.elapsed),
+        "wall_s": round(wall, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--time", default="4m", help="training budget per run (DURATION)")
+    ap.add_argument("--set", action="append", default=[], help="override KEY=VALUE (repeatable)")
+    ap.add_argument("--sweep", action="store_true", help="run the candidate grid")
+    ap.add_argument("--only", type=str, default="", help="comma list of sweep indices to run")
+    ap.add_argument("--seed", type=int, default=1337)
+    args = ap.parse_args()
+    corpus = load_corpus(None)  # nltk:state_union, read once for all runs
+    print(json.dumps({"machine": platform.processor() or platform.machine(),
+                      "python": sys.version.split()[0], "corpus_chars": len(corpus.text)}), flush=True)
+    base = parse_set(args.set)
+    grid = SWEEP if args.sweep else [{}]
+    if args.only:
+        grid = [grid[int(i)] for i in args.only.split(",")]
+    rows = []
+    for changes in grid:
+        row = run_one({**base, **changes}, args.time, args.seed, corpus)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if len(rows) > 1:
+        print(f"\n| changes from default | val bpc @ {args.time} | steps | chars/s |")
+        print("|---|---|---|---|")
+        for r in sorted(rows, key=lambda r: r["val_bpc"]):
+            name = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(default)"
+            print(f"| {name} | {r['val_bpc']:.4f} | {r['steps']} | {r['train_chars_per_s']:,} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""What users see: previews that never change training, plain log lines, summary, plot."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from charlm.cli import app
+from charlm.config import build_config
+from charlm.progress import Reporter
+from charlm.train import start
+from conftest import TINY
+
+
+def _tiny_cfg(preview_length: int):
+    return build_config(None, dict(hidden_size=32, num_layers=2, dropout=0.2, embedding_size=16,
+                                   seq_len=16, batch_size=4, eval_interval=5, max_steps=20,
+                                   preview_length=preview_length))
+
+
+def test_previews_do_not_change_training(corpus_file, tmp_path):
+    with_prev = start(_tiny_cfg(60), [str(corpus_file)], tmp_path / "a")
+    without = start(_tiny_cfg(0), [str(corpus_file)], tmp_path / "b")
+    a = torch.load(with_prev.out_dir / "latest.pt", weights_only=True)["model"]
+    b = torch.load(without.out_dir / "latest.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plain_log_lines_previews_and_summary(corpus_file, tmp_path):
+    stream = io.StringIO()  # not a terminal: one plain line per evaluation, no bar
+    rep = Reporter(stream=stream)
+    cfg = _tiny_cfg(30)
+    result = start(cfg, [str(corpus_file)], tmp_path / "run", callbacks=rep)
+    rep.summary(result)
+    text = stream.getvalue()
+    assert text.count("val ") >= 4  # evaluations at steps 5, 10, 15, 20
+    for t in ("0.2", "0.5", "1"):
+        assert f"sample at temperature {t} ---" in text
+    assert "charlm sample --checkpoint" in text and "charlm resume" in text
+    assert "best val bpc" in text and "\r" not in text
+
+
+def test_quiet_prints_nothing(runner, corpus_file, tmp_path):
+    res = runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "q"),
+                              "--max-steps", "10", *TINY])
+    assert res.exit_code == 0
+    assert res.output == ""
+
+
+def test_plot_writes_png(runner, corpus_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(corpus_file), "--out", str(out), "--max-steps", "30",
+                               *TINY]).exit_code == 0
+    (out / "loss.png").unlink()  # training drew one already; `charlm plot` must redraw it
+    res = runner.invoke(app, ["plot", str(out)])
+    assert res.exit_code == 0, res.output
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_plot_without_matplotlib_says_how_to_install(runner, corpus_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "chars": 10, "train_bpc": 3.0, "val_bpc": 3.1, "lr": 0.001, "elapsed": 1}) + "\n")
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    res = runner.invoke(app, ["plot", str(out)])
+    assert res.exit_code == 2
+    assert "pip install 'charlm[plot]'" in res.stderr
+
+
+def test_plot_of_a_folder_without_metrics(runner, tmp_path):
+    res = runner.invoke(app, ["plot", str(tmp_path)])
+    assert res.exit_code == 2 and "metrics.jsonl" in res.stderr
