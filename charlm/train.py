@@ -146,7 +146,8 @@ class Trainer:
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        hidden = [t.detach().float().cpu() for t in state_to_list(self.state)] if self.state is not None else []
+        # Saved in its own dtype (bf16 under autocast): a cast would break exact resume.
+        hidden = [t.detach().cpu() for t in state_to_list(self.state)] if self.state is not None else []
         return {
             "format": ckpt_io.FORMAT,
             "version": ckpt_io.VERSION,
@@ -244,7 +245,8 @@ class Trainer:
         session_steps = 0
         last_saved: list[Path] = []
         finished = True
-        while self.total_steps is None or self.step < self.total_steps:
+        while (self.total_steps is None or self.step < self.total_steps) and not (
+                max_steps and self.step >= max_steps):
             signum = should_stop()
             if signum:
                 paths = self.save(best=False, step_file=False)
@@ -445,6 +447,9 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
     if new_max is not None and new_max < step:
         raise CharLMError(f"--max-steps {new_max}: the run is already at step {step}")
     time_cap = parse_duration(cfg.train.time) if "time" in changes else None
+    if total is None and time_cap is None and cfg.train.time and new_max is None:
+        # A --time run stopped before it fixed its step count: finish its original budget.
+        time_cap = max(1.0, parse_duration(cfg.train.time) - float(ck.get("elapsed", 0.0)))
 
     corpus = _reload_corpus(ck["corpus"], path)
     vocab, ids = Vocab.build(corpus.text)
