@@ -135,13 +135,19 @@ def _nltk_reader(name: str):  # -> nltk CorpusReader
 
     if not name or "/" in name or name.startswith(("_", ".")):
         raise CharLMError(f"nltk:{name}: not a corpus name")
+    from nltk.corpus.reader import CorpusReader
     from nltk.corpus.util import LazyCorpusLoader
 
     reader = getattr(nltk.corpus, name, None)
+    if isinstance(reader, CorpusReader) and hasattr(reader, "raw"):
+        # A predefined corpus NLTK has already loaded: its lazy loader turned itself into the
+        # reader (with NLTK's encoding), so it is no longer a LazyCorpusLoader.
+        return reader
     if not isinstance(reader, LazyCorpusLoader):
         # Not one of NLTK's predefined corpora: read corpora/NAME as plain UTF-8 text files.
         try:
-            root = nltk.data.find(f"corpora/{name}")
+            # The trailing slash lets NLTK find a zipped corpus (corpora/NAME.zip/NAME/) too.
+            root = nltk.data.find(f"corpora/{name}/")
         except LookupError:
             raise CharLMError(
                 f"nltk:{name}: unknown NLTK corpus (not predefined by NLTK and no "

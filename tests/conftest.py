@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
+
+# Tiny test models run fastest on one thread, and two busy-waiting OpenMP pools (pytest
+# plus a subprocess) on 2 cores can slow each other down by orders of magnitude.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real NLTK State of the Union corpus on the development machines (absent in a user's clone).
@@ -53,6 +58,6 @@ def charlm_cmd() -> list[str]:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, CHARLM_NO_DOWNLOAD="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, CHARLM_NO_DOWNLOAD="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(extra)
     return env

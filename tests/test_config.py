@@ -1,0 +1,225 @@
+"""Configuration: defaults < --config TOML < flags, validation that names the flag, presets."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from charlm.cli import app
+from charlm.config import (
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    load_toml,
+    parse_duration,
+    to_toml,
+)
+from charlm.errors import CharLMError
+from conftest import ROOT, TINY
+
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads (and a busy machine makes them slow)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def toml_file(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- precedence ---------------------------------------------------------------------------
+
+
+def test_defaults():
+    cfg = build_config(None, {})
+    assert cfg == RunConfig()
+    assert cfg.model == ModelConfig() and cfg.train == TrainConfig()
+
+
+def test_config_file_overrides_defaults_and_flags_override_the_file(tmp_path):
+    path = toml_file(tmp_path, "[model]\ncell = 'gru'\nhidden_size = 48\n\n[train]\nlr = 0.01\nseq_len = 32\n")
+    cfg = build_config(path, {"hidden_size": 24, "seq_len": None, "batch_size": 8})
+    assert cfg.model.cell == "gru"  # file over default
+    assert cfg.model.hidden_size == 24  # flag over file
+    assert cfg.train.lr == 0.01 and cfg.train.seq_len == 32  # file; the None flag is unset
+    assert cfg.train.batch_size == 8  # flag over default
+    assert cfg.model.num_layers == ModelConfig().num_layers  # untouched default
+
+
+def test_integers_are_accepted_where_floats_are_expected(tmp_path):
+    cfg = build_config(toml_file(tmp_path, "[train]\nlr = 1\ngrad_clip = 2\n"), {})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert isinstance(cfg.train.grad_clip, float)
+
+
+def test_precedence_through_the_cli(tmp_path, runner, corpus_file):
+    path = toml_file(tmp_path, "[model]\nhidden_size = 40\nembedding_size = 8\n\n[train]\nlr = 0.005\nbatch_size = 2\n")
+    out = tmp_path / "run"
+    # TINY sets --hidden-size 32 and --batch-size 4: the flags win over the file.
+    res = runner.invoke(app, ["train", str(corpus_file), "--config", str(path), "--out", str(out),
+                              "--max-steps", "3", *TINY, "--embedding-size", "12"])
+    assert res.exit_code == 0, res.output
+    saved = tomllib.loads((out / "config.toml").read_text(encoding="utf-8"))
+    assert saved["model"]["hidden_size"] == 32 and saved["train"]["batch_size"] == 4  # flags
+    assert saved["model"]["embedding_size"] == 12  # flag
+    assert saved["train"]["lr"] == 0.005  # file
+    assert saved["model"]["num_layers"] == 1 and saved["train"]["max_steps"] == 3
+    assert saved["train"]["warmup_steps"] == TrainConfig().warmup_steps  # default
+    # The config.toml in the run folder is the one the checkpoint holds, and it round-trips.
+    info = json.loads(runner.invoke(app, ["info", str(out / "latest.pt"), "--json"]).stdout)
+    assert info["config"] == saved
+    assert build_config(out / "config.toml", {}) == RunConfig.from_dict(info["config"])
+    assert RunConfig.from_dict(saved).validate().to_dict() == saved
+
+
+# --- TOML round trip ----------------------------------------------------------------------
+
+
+def test_to_toml_round_trips():
+    cfg = RunConfig(
+        ModelConfig(cell="rnn", num_layers=3, hidden_size=7, embedding_size=3, dropout=0.25),
+        TrainConfig(lr=1e-5, weight_decay=0.0, time="1h30m", compile=True, device="cpu", seed=0,
+                    precision="bf16", max_steps=123),
+    ).validate()
+    text = to_toml(cfg)
+    back = RunConfig.from_dict(tomllib.loads(text))
+    assert back == cfg
+    assert back.validate().to_dict() == cfg.to_dict()
+    assert to_toml(back) == text
+
+
+def test_to_toml_round_trips_defaults():
+    assert RunConfig.from_dict(tomllib.loads(to_toml(RunConfig()))) == RunConfig()
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "flag"),
+    [
+        ("model", "cell", "transformer", "--cell"),
+        ("model", "num_layers", 0, "--num-layers"),
+        ("model", "hidden_size", -4, "--hidden-size"),
+        ("model", "embedding_size", 2.5, "--embedding-size"),
+        ("model", "dropout", 1.0, "--dropout"),
+        ("model", "dropout", -0.1, "--dropout"),
+        ("train", "seq_len", 0, "--seq-len"),
+        ("train", "batch_size", 0, "--batch-size"),
+        ("train", "lr", -0.001, "--lr"),
+        ("train", "lr", 0.0, "--lr"),
+        ("train", "lr", math.nan, "--lr"),
+        ("train", "lr", math.inf, "--lr"),
+        ("train", "lr", True, "--lr"),
+        ("train", "lr", "fast", "--lr"),
+        ("train", "min_lr_ratio", 1.5, "--min-lr-ratio"),
+        ("train", "warmup_steps", -1, "--warmup-steps"),
+        ("train", "weight_decay", -1.0, "--weight-decay"),
+        ("train", "grad_clip", -1.0, "--grad-clip"),
+        ("train", "max_steps", -5, "--max-steps"),
+        ("train", "time", "soon", "--time"),
+        ("train", "time", "0", "--time"),
+        ("train", "val_fraction", 0.0, "--val-fraction"),
+        ("train", "val_fraction", 0.9, "--val-fraction"),
+        ("train", "eval_interval", 0, "--eval-interval"),
+        ("train", "keep", -1, "--keep"),
+        ("train", "seed", -1, "--seed"),
+        ("train", "device", "tpu", "--device"),
+        ("train", "precision", "fp8", "--precision"),
+        ("train", "preview_length", -1, "--preview-length"),
+    ],
+)
+def test_validation_names_the_flag(section, key, value, flag):
+    with pytest.raises(CharLMError) as info:
+        RunConfig.from_dict({section: {key: value}}).validate()
+    assert str(info.value).startswith(flag + ":")
+    with pytest.raises(CharLMError) as info:
+        build_config(None, {key: value})  # the same check on a command-line value
+    assert str(info.value).startswith(flag + ":")
+
+
+def test_unknown_key_and_section_are_named(tmp_path):
+    path = toml_file(tmp_path, "[model]\nhidden_sise = 3\n")
+    with pytest.raises(CharLMError) as info:
+        build_config(path, {})
+    assert str(path) in str(info.value) and "model.hidden_sise" in str(info.value)
+    path = toml_file(tmp_path, "[optimizer]\nlr = 3\n", "sec.toml")
+    with pytest.raises(CharLMError) as info:
+        build_config(path, {})
+    assert str(path) in str(info.value) and "[optimizer]" in str(info.value)
+    path = toml_file(tmp_path, "lr = 3\n", "top.toml")  # a key outside any table
+    with pytest.raises(CharLMError, match="unknown section"):
+        build_config(path, {})
+
+
+def test_bad_toml_and_missing_file_name_the_flag(tmp_path):
+    bad = toml_file(tmp_path, "[model\nhidden_size = \n")
+    with pytest.raises(CharLMError) as info:
+        load_toml(bad)
+    assert str(info.value).startswith("--config:") and str(bad) in str(info.value)
+    assert "invalid TOML" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(CharLMError, match=r"^--config: .*nope\.toml: no such file"):
+        load_toml(tmp_path / "nope.toml")
+
+
+def test_bad_value_in_config_file_names_the_setting(tmp_path):
+    path = toml_file(tmp_path, "[model]\ncell = 'transformer'\n")
+    with pytest.raises(CharLMError, match="--cell"):
+        build_config(path, {})
+
+
+# --- durations ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("300", 300), ("300s", 300), ("5m", 300), ("1h30m", 5400), ("1.5h", 5400), ("1h2m3s", 3723),
+     (" 2M ", 120), ("0.5", 0.5)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5x", "m", "1m1h", "-5", "0", "0m", "5 m"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(CharLMError, match="^--time:"):
+        parse_duration(text)
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+def test_presets_folder_holds_presets():
+    files = [p for p in (ROOT / "configs").glob("*") if not p.name.startswith(".")]
+    if not files:
+        pytest.skip("configs/ holds no presets yet")
+    assert PRESETS, f"configs/ holds files but no *.toml preset: {[p.name for p in files]}"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_preset_loads_and_validates(preset):
+    data = load_toml(preset)
+    assert data and set(data) <= {"model", "train"}
+    cfg = build_config(preset, {})
+    assert cfg.validate() is cfg
+    # Every key in the file took effect.
+    for section, values in data.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{preset.name}: {section}.{key}"
+    # Flags still win over a preset.
+    assert build_config(preset, {"hidden_size": 8}).model.hidden_size == 8
