@@ -99,26 +99,33 @@ def load(path: Path | str) -> dict[str, Any]:
         raise CharLMError(f"{path}: no such checkpoint")
     if path.is_dir():
         raise CharLMError(f"{path}: is a folder, not a checkpoint file")
+    # Open it here: an OSError from opening is a real read problem, while torch.load raises
+    # OSError(EINVAL) for a truncated file (a seek past the end), which is corruption.
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise CharLMError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with fh:
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y": a pickled object that
+        # weights_only refused. Garbage bytes fail too ("Unsupported operand N"): not unsafe.
         msg = str(exc)
-        if "Unsupported global" in msg or "Unsupported operand" in msg or "weights_only" in msg.lower():
+        if "unsupported global" in msg.lower():
             raise CharLMError(
                 f"{path}: refused: it holds pickled Python objects, which charlm never loads "
                 "(only tensors and plain values)"
             ) from None
         raise CharLMError(f"{path}: not a checkpoint (corrupt or not a PyTorch file)") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.strerror:
-            raise CharLMError(f"{path}: cannot read: {exc.strerror}") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError):
         raise CharLMError(f"{path}: corrupt or truncated checkpoint") from None
     except Exception:  # noqa: BLE001 - any other decoder failure on random bytes
         raise CharLMError(f"{path}: not a checkpoint (corrupt or not a PyTorch file)") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CharLMError(f"{path}: not a charlm checkpoint (a PyTorch file of another kind)")
     version = obj.get("version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CharLMError(f"{path}: charlm checkpoint with an invalid format version {version!r}")
     if version > VERSION:
         raise CharLMError(

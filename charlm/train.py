@@ -202,11 +202,15 @@ class Trainer:
     def save(self, best: bool, step_file: bool) -> list[Path]:
         """Write latest.pt (and best.pt / step-N.pt); each write is atomic."""
         data = ckpt_io.serialize(self.state_dict())
-        targets = [self.out_dir / "latest.pt"]
+        targets = []
         if best:
             targets.append(self.out_dir / "best.pt")
         if step_file and self.cfg.train.keep > 0:
             targets.append(self.out_dir / f"step-{self.step:07d}.pt")
+        # latest.pt last: a kill between files leaves latest.pt at the previous save, so the
+        # resumed run redoes this step exactly and rewrites the others; the other way round
+        # latest.pt would claim a best val that best.pt never received.
+        targets.append(self.out_dir / "latest.pt")
         for path in targets:
             ckpt_io.write_atomic(path, data)
         if step_file:
@@ -250,7 +254,7 @@ class Trainer:
             signum = should_stop()
             if signum:
                 paths = self.save(best=False, step_file=False)
-                raise TrainingInterrupted(signum, str(paths[0]), self.step)
+                raise TrainingInterrupted(signum, str(paths[-1]), self.step)  # latest.pt
             now = time.perf_counter()
             if time_cap is not None and now - session_start >= time_cap:
                 finished = False
@@ -386,7 +390,7 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def _clear_run(out_dir: Path) -> None:
-    for name in ckpt_io.RUN_FILES:
+    for name in (*ckpt_io.RUN_FILES, "loss.png"):
         (out_dir / name).unlink(missing_ok=True)
     for p in ckpt_io.step_files(out_dir):
         p.unlink(missing_ok=True)
@@ -433,12 +437,23 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
     ck = ckpt_io.load(path)
     cfg = RunConfig.from_dict(ck["config"], origin=str(path))
     _check_changes(cfg, config_file or {}, "--config")
-    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    # Budgets and cadence may come from the --config file too; flags win over it.
+    from_file = {k: v for k, v in (config_file or {}).get("train", {}).items() if k in RESUMABLE}
+    changes = {**from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     for key, value in changes.items():
         if key not in RESUMABLE:
             raise CharLMError(f"--{key.replace('_', '-')}: cannot be changed on resume")
         setattr(cfg.train, key, value)
     cfg.validate()
+    notes = []
+    if "device" not in changes and cfg.train.device != "auto":
+        try:
+            resolve_device(cfg.train.device)
+        except CharLMError:
+            # Trained on a GPU, resumed where there is none: continue on what is here.
+            notes.append(f"the run was trained with --device {cfg.train.device}, which is not "
+                         "available here; continuing with --device auto")
+            cfg.train.device = "auto"
     device = resolve_device(cfg.train.device)
     out_dir = path.parent
     step = int(ck["step"])
@@ -473,6 +488,8 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
     _truncate_metrics(out_dir / "metrics.jsonl", step)
     ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
     callbacks.on_start(_info(trainer, resumed=True))
+    for note in notes:
+        callbacks.on_message(note)
     return trainer.fit(time_cap, new_max, callbacks, should_stop)
 
 
