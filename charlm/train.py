@@ -36,8 +36,10 @@ from charlm.vocab import Vocab
 
 LN2 = math.log(2.0)
 DEFAULT_MAX_STEPS = 2000  # used when neither --max-steps nor --time is given
-PROBE_STEPS = 10  # a --time run measures this many steps before fixing its step count
+PROBE_STEPS = 10  # a --time run measures this many steps before planning its step count
 TIME_MARGIN = 0.03  # plan to finish 3 % early: timing noise must not push past the budget
+PLAN_FIX_FRACTION = 0.5  # re-estimate the step count until half the budget is spent, then fix it
+TIME_GRACE = 0.02  # a fixed plan may overrun its budget by 2 % to finish its schedule
 PREVIEW_TEMPERATURES = (0.2, 0.5, 1.0)
 # Settings a resume may change; everything else would make it a different run.
 RESUMABLE = {"max_steps", "time", "device", "eval_interval", "keep", "precision",
@@ -124,6 +126,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tc.lr, betas=(0.9, 0.99),
+            # One fused kernel for the whole update instead of a dozen ops per tensor.
+            fused=device.type in ("cpu", "cuda"),
         )
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -137,6 +141,7 @@ class Trainer:
         self.eval_seconds: float | None = None
         self.best_val: float | None = None
         self.last_val: float | None = None
+        self.last_eval_step = -1
         self.loss_sum = 0.0  # train bits since the last evaluation (for the metrics line)
         self.loss_count = 0
         self.state: State | None = None
@@ -231,6 +236,22 @@ class Trainer:
         steps = int(max(0.0, remaining * (1 - TIME_MARGIN) - eval_s) / per_step)
         return self.step + max(1, steps)
 
+    def _replan(self, time_cap: float, session_start: float, max_steps: int | None,
+                callbacks: Callbacks) -> None:
+        """Re-estimate the step count from the measured speed; fix it at half the budget.
+
+        Until then the schedule's length follows the measurements (the cosine moves only a
+        little); from then on it is fixed, stored in checkpoints, and resumes exactly.
+        """
+        used = time.perf_counter() - session_start
+        plan = self._plan(time_cap - used)
+        total = min(plan, max_steps) if max_steps else plan
+        if total != self.total_steps:
+            self.total_steps = total
+            callbacks.on_plan(total)
+        if used >= time_cap * PLAN_FIX_FRACTION:
+            self.plan_final = True
+
     def fit(self, time_cap: float | None, max_steps: int | None, callbacks: Callbacks,
             should_stop: StopCheck) -> TrainResult:
         """Train until the planned step count, the time cap, or a stop signal."""
@@ -256,7 +277,8 @@ class Trainer:
                 paths = self.save(best=False, step_file=False)
                 raise TrainingInterrupted(signum, str(paths[-1]), self.step)  # latest.pt
             now = time.perf_counter()
-            if time_cap is not None and now - session_start >= time_cap:
+            limit = time_cap * (1 + TIME_GRACE) if time_cap is not None and self.plan_final else time_cap
+            if limit is not None and now - session_start >= limit:
                 finished = False
                 break
             x, y, reset = self.batcher.next()  # (B, T) each
@@ -283,29 +305,30 @@ class Trainer:
             self.step += 1
             session_steps += 1
             self.chars_seen += x.numel()
-            self.elapsed += time.perf_counter() - now
             self.loss_sum += bpc
             self.loss_count += 1
-            if session_steps > 2:  # the first steps pay for allocation and warm-up
-                timed_steps += 1
-                timed_seconds += dt
-                self.sec_per_step = timed_seconds / timed_steps
-            if time_cap is not None and not self.plan_final and self.sec_per_step is not None \
-                    and session_steps >= PROBE_STEPS:
-                plan = self._plan(time_cap - (time.perf_counter() - session_start))
-                self.total_steps = min(plan, max_steps) if max_steps else plan
-                callbacks.on_plan(self.total_steps)
             callbacks.on_step({
                 "step": self.step, "total": self.total_steps, "bpc": bpc, "lr": lr,
                 "chars_per_s": x.numel() / dt if dt > 0 else 0.0,
                 "elapsed": time.perf_counter() - session_start, "time_cap": time_cap,
                 "chars_seen": self.chars_seen,
             })
+            wall = time.perf_counter() - now  # the whole step, progress reporting included
+            self.elapsed += wall
+            if session_steps > 2:  # the first steps pay for allocation and warm-up
+                timed_steps += 1
+                timed_seconds += wall
+                self.sec_per_step = timed_seconds / timed_steps
+            if time_cap is not None and not self.plan_final and session_steps >= PROBE_STEPS:
+                self._replan(time_cap, session_start, max_steps, callbacks)
             at_end = self.total_steps is not None and self.step >= self.total_steps
             if self.step % tc.eval_interval == 0 or at_end:
                 last_saved = self._evaluate_and_save(callbacks, session_start, time_cap, max_steps)
-        if not finished or not last_saved or self.step == 0:
-            last_saved = self.save(best=False, step_file=False) if self.step else []
+        if not finished and self.step and self.last_eval_step != self.step:
+            # Stopped by the clock before the plan's end: still evaluate (best.pt) and save.
+            last_saved = self._evaluate_and_save(callbacks, session_start, None, max_steps)
+        elif not last_saved and self.step:
+            last_saved = self.save(best=False, step_file=False)
         return TrainResult(self.out_dir, self.step, self.total_steps, self.chars_seen, self.elapsed,
                            self.best_val, self.last_val, finished, last_saved)
 
@@ -313,13 +336,7 @@ class Trainer:
                            max_steps: int | None) -> list[Path]:
         t0 = time.perf_counter()
         val_bpc, _ = evaluate(self.model, self.split.val, self.device)
-        self.eval_seconds = time.perf_counter() - t0
-        if time_cap is not None and not self.plan_final and self.sec_per_step is not None:
-            # Re-plan once with the measured evaluation cost, then keep the plan fixed.
-            plan = self._plan(time_cap - (time.perf_counter() - session_start))
-            self.total_steps = min(plan, max_steps) if max_steps else plan
-            self.plan_final = True
-            callbacks.on_plan(self.total_steps)
+        self.last_eval_step = self.step
         improved = self.best_val is None or val_bpc < self.best_val
         if improved:
             self.best_val = val_bpc
@@ -339,6 +356,8 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
         previews = self.previews()
         callbacks.on_eval(record, previews)
+        # What an evaluation costs the time budget: scoring, saving (fsync) and previews.
+        self.eval_seconds = time.perf_counter() - t0
         return saved
 
     def previews(self) -> list[tuple[float, str]]:
