@@ -30,19 +30,23 @@ from charlm.train import start
 # screen at --time 1m, then confirm the best few at the real budget.
 SWEEP: list[dict[str, object]] = [
     {},
-    {"hidden_size": 384, "num_layers": 1},
+    {"batch_size": 16},
+    {"seq_len": 32},
+    {"batch_size": 16, "seq_len": 128},
+    {"hidden_size": 384},
     {"hidden_size": 512, "num_layers": 1},
-    {"hidden_size": 192, "num_layers": 2},
-    {"hidden_size": 256, "num_layers": 3},
-    {"seq_len": 64},
-    {"seq_len": 256},
-    {"batch_size": 32},
-    {"batch_size": 128},
+    {"num_layers": 3},
     {"lr": 0.006},
     {"lr": 0.0015},
-    {"embedding_size": 32},
-    {"dropout": 0.1},
-    {"weight_decay": 0.1},
+    {"cell": "gru"},
+    {"hidden_size": 192},
+]
+# The screen's best directions, combined and confirmed at the real budget (--confirm).
+CONFIRM: list[dict[str, object]] = [
+    {"seq_len": 32},
+    {"cell": "gru", "seq_len": 32},
+    {"cell": "gru", "seq_len": 32, "lr": 0.006},
+    {"seq_len": 32, "lr": 0.006},
 ]
 
 
@@ -91,7 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time", default="4m", help="training budget per run (DURATION)")
     ap.add_argument("--set", action="append", default=[], help="override KEY=VALUE (repeatable)")
-    ap.add_argument("--sweep", action="store_true", help="run the candidate grid")
+    ap.add_argument("--sweep", action="store_true", help="run the screening grid")
+    ap.add_argument("--confirm", action="store_true", help="run the confirmation candidates")
     ap.add_argument("--only", type=str, default="", help="comma list of sweep indices to run")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
@@ -99,7 +104,7 @@ def main() -> None:
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "python": sys.version.split()[0], "corpus_chars": len(corpus.text)}), flush=True)
     base = parse_set(args.set)
-    grid = SWEEP if args.sweep else [{}]
+    grid = SWEEP if args.sweep else CONFIRM if args.confirm else [{}]
     if args.only:
         grid = [grid[int(i)] for i in args.only.split(",")]
     rows = []

@@ -170,21 +170,24 @@ def train(
                  keep=keep, precision=precision, compile=compile,
                  preview_length=0 if no_preview else preview_length)
     cfg = build_config(config, flags)
-    reporter, stop = _reporter(quiet), StopFlag()
-    reporter.stop = stop
+    _with_progress(quiet, lambda callbacks, stop: start(
+        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, should_stop=stop))
+
+
+def _with_progress(quiet: bool, run: Callable[[Any, StopFlag], Any]) -> None:
+    """Run a training session with the progress reporter and Ctrl-C/SIGTERM handling, then
+    print the summary (and draw the loss plot when matplotlib is installed; it is optional)."""
+    import importlib.util
+
+    from charlm.progress import Reporter
+
+    reporter, stop = Reporter(quiet=quiet), StopFlag()
+    reporter.stop = stop  # installed when training starts: Ctrl-C before that just exits
     try:
-        result = start(cfg, corpus, out, encoding=encoding, force=force, callbacks=reporter,
-                       should_stop=stop)
+        result = run(reporter, stop)
     finally:
         stop.restore()
         reporter.close()
-    _finish(reporter, result)
-
-
-def _finish(reporter: Any, result: Any) -> None:
-    """Closing summary, and the loss plot when matplotlib is installed (it is optional)."""
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
         from charlm.plot import plot_run
 
@@ -216,21 +219,8 @@ def resume(
                      keep=keep, precision=precision, compile=compile,
                      preview_length=0 if no_preview else preview_length)
     config_data = load_toml(config) if config is not None else None
-    reporter, stop = _reporter(quiet), StopFlag()
-    reporter.stop = stop
-    try:
-        result = resume_run(checkpoint, overrides, config_file=config_data, callbacks=reporter,
-                            should_stop=stop)
-    finally:
-        stop.restore()
-        reporter.close()
-    _finish(reporter, result)
-
-
-def _reporter(quiet: bool):  # -> charlm.progress.Reporter
-    from charlm.progress import Reporter
-
-    return Reporter(quiet=quiet)
+    _with_progress(quiet, lambda callbacks, stop: resume_run(
+        checkpoint, overrides, config_file=config_data, callbacks=callbacks, should_stop=stop))
 
 
 # --- sample -----------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ class ModelConfig:
 class TrainConfig:
     """How to train: batch layout, optimizer, schedule, budgets and checkpoint cadence."""
 
-    seq_len: int = 128
-    batch_size: int = 64
+    seq_len: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50

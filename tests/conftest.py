@@ -6,6 +6,7 @@ Everything runs on the CPU in seconds and never touches the network.
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -13,9 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-# Tiny test models run fastest on one thread, and two busy-waiting OpenMP pools (pytest
-# plus a subprocess) on 2 cores can slow each other down by orders of magnitude.
-torch.set_num_threads(1)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real NLTK State of the Union corpus on the development machines (absent in a user's clone).
@@ -30,6 +29,27 @@ TEXT = (
     "We meet tonight in a time of great change. The state of our Union is strong.\n"
     "Our economy is growing, our schools are improving, and our people are at work.\n"
 ) * 30
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test models run fastest on one thread, and two busy-waiting OpenMP pools (pytest
+    plus a subprocess, which gets OMP_NUM_THREADS=1) on 2 cores can slow each other down by
+    orders of magnitude; one thread also makes in-process float reductions match the
+    subprocesses' bit for bit."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng():
+    """Training seeds the global RNGs; put them back so other tests see what they expect."""
+    torch_rng, py_rng = torch.get_rng_state(), random.getstate()
+    yield
+    torch.set_rng_state(torch_rng)
+    random.setstate(py_rng)
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +78,6 @@ def charlm_cmd() -> list[str]:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, CHARLM_NO_DOWNLOAD="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, CHARLM_NO_DOWNLOAD="1", PYTHONUNBUFFERED="1", **ONE_THREAD)
     env.update(extra)
     return env

@@ -27,17 +27,6 @@ from charlm.config import ModelConfig, RunConfig, TrainConfig
 from charlm.errors import CharLMError
 from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_restore_rng():
-    threads, torch_rng, py_rng = torch.get_num_threads(), torch.get_rng_state(), random.getstate()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(torch_rng)
-    random.setstate(py_rng)
 
 
 def tiny_config(max_steps: int = 20, eval_interval: int = 10) -> RunConfig:
@@ -176,7 +165,7 @@ def test_installed_command_refuses_a_pickle_payload(base_run, tmp_path):
     marker = tmp_path / "pwned"
     path = make_bad("pickle-system", tmp_path / "bad", base_run / "latest.pt", marker)
     proc = subprocess.run([*charlm_cmd(), "info", str(path)], capture_output=True, text=True,
-                          env=subprocess_env(**ONE_THREAD), timeout=120)
+                          env=subprocess_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -258,7 +247,7 @@ def _kill_when_writing(cmd: list[str], run: Path, rng: random.Random) -> None:
     latest = run / "latest.pt"
     before = latest.stat().st_mtime_ns if latest.exists() else None
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=subprocess_env(**ONE_THREAD))
+                            env=subprocess_env())
     try:
         deadline = time.monotonic() + 60
         while not (latest.exists() and latest.stat().st_mtime_ns != before):

@@ -30,13 +30,6 @@ CHARS_PER_STEP = 4 * 16  # TINY: --batch-size 4, --seq-len 16
 METRIC_KEYS = {"step", "chars", "train_bpc", "val_bpc", "lr", "elapsed"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (and a busy machine makes them slow)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

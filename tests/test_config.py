@@ -25,15 +25,6 @@ from conftest import ROOT, TINY
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (and a busy machine makes them slow)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def toml_file(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:

@@ -18,16 +18,6 @@ from charlm.errors import CharLMError
 from conftest import SHARED_NLTK, TINY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spin-waiting makes them many times slower; restored for other modules."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import signal
 import subprocess
@@ -27,20 +26,6 @@ from charlm.config import ModelConfig, RunConfig, TrainConfig
 from charlm.errors import CharLMError, TrainingInterrupted
 from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_restore_rng():
-    """In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1): tiny models
-    are faster that way on shared cores, and the float reductions match the subprocesses'.
-    Training seeds the global RNGs; put them back so other tests see what they expect."""
-    threads, torch_rng, py_rng = torch.get_num_threads(), torch.get_rng_state(), random.getstate()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(torch_rng)
-    random.setstate(py_rng)
 
 
 class Recorder(train.Callbacks):
@@ -115,7 +100,7 @@ def test_stop_then_resume_in_new_process_is_bit_identical_with_dropout(corpus_fi
     script.write_text(RESUME_SCRIPT)
     log = tmp_path / "resume.json"
     proc = subprocess.run([sys.executable, str(script), str(stopped / "latest.pt"), str(log)],
-                          capture_output=True, text=True, env=subprocess_env(**ONE_THREAD), timeout=120)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     second = json.loads(log.read_text())
     assert second["step"] == n + m and second["finished"]
@@ -207,7 +192,7 @@ def signal_runs(tmp_path_factory):
         out = root / name
         proc = subprocess.Popen([*charlm_cmd(), "train", str(corpus), "--out", str(out), *SIGNAL_FLAGS],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=subprocess_env(**ONE_THREAD))
+                                env=subprocess_env())
         lines: list[str] = []
         thread = threading.Thread(target=_signal_when_evaluating, args=(proc, sigs, delay, lines), daemon=True)
         thread.start()

@@ -28,13 +28,6 @@ from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 PRIME = "The state of "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (and a busy machine makes them slow)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
