@@ -47,6 +47,8 @@ CONFIRM: list[dict[str, object]] = [
     {"cell": "gru", "seq_len": 32},
     {"cell": "gru", "seq_len": 32, "lr": 0.006},
     {"seq_len": 32, "lr": 0.006},
+    {"seq_len": 32, "lr": 0.006, "batch_size": 16},
+    {"seq_len": 32, "lr": 0.01},
 ]
 
 

@@ -54,11 +54,13 @@ def _sync(device: torch.device) -> None:
 
 
 def plain_loop(cfg: RunConfig, ids: torch.Tensor, steps: int, device: torch.device) -> float:
-    """What a user would write: fp32, nn.LSTM, cross-entropy, AdamW, state carried."""
+    """What a user would write: fp32, nn.LSTM (or the configured cell), cross-entropy, AdamW,
+    state carried."""
     m, t = cfg.model, cfg.train
     torch.manual_seed(0)
     emb = nn.Embedding(VOCAB, m.embedding_size).to(device)
-    rnn = nn.LSTM(m.embedding_size, m.hidden_size, m.num_layers, batch_first=True).to(device)
+    cell = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[m.cell]
+    rnn = cell(m.embedding_size, m.hidden_size, m.num_layers, batch_first=True).to(device)
     head = nn.Linear(m.hidden_size, VOCAB).to(device)
     params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=t.lr)
@@ -79,7 +81,7 @@ def plain_loop(cfg: RunConfig, ids: torch.Tensor, steps: int, device: torch.devi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
-        state = tuple(s.detach() for s in state)
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
         loss.item()
         if i >= 3:  # skip warm-up steps
             elapsed += time.perf_counter() - t0

@@ -44,9 +44,11 @@ class ModelConfig:
 class TrainConfig:
     """How to train: batch layout, optimizer, schedule, budgets and checkpoint cadence."""
 
-    seq_len: int = 64
+    # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md): on a CPU, small batches
+    # run as fast per character as big ones and give many more updates in minutes.
+    seq_len: int = 32
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.01

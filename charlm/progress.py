@@ -5,6 +5,7 @@ Part of the CLI layer (the library reports through `Callbacks`; this draws it on
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from typing import Any
@@ -12,6 +13,13 @@ from typing import Any
 from tqdm import tqdm
 
 from charlm.train import Callbacks, TrainResult
+
+
+def _columns(stream: Any) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 class Reporter(Callbacks):
@@ -48,8 +56,12 @@ class Reporter(Callbacks):
             f"{info['device']} {info['precision']}; output {info['out_dir']}/"
         )
         if self.tty:
+            # A pseudo-terminal may report 0 columns (script, some CI consoles): tqdm would then
+            # draw an empty bar, so fall back to a fixed width there.
+            wide = _columns(self.stream) > 0
             self.bar = tqdm(total=info["total_steps"], initial=info["step"], file=self.stream,
-                            unit="step", dynamic_ncols=True, leave=True)
+                            unit="step", dynamic_ncols=wide, ncols=None if wide else 100,
+                            leave=True)
 
     def on_plan(self, total_steps: int) -> None:
         if self.bar is not None and self.bar.total != total_steps:

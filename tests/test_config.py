@@ -214,3 +214,10 @@ def test_every_preset_loads_and_validates(preset):
             assert getattr(getattr(cfg, section), key) == value, f"{preset.name}: {section}.{key}"
     # Flags still win over a preset.
     assert build_config(preset, {"hidden_size": 8}).model.hidden_size == 8
+
+
+def test_cpu_preset_is_the_built_in_default():
+    """configs/cpu.toml documents the defaults: the two must not drift apart."""
+    preset = build_config(ROOT / "configs" / "cpu.toml", {})
+    assert preset.model == ModelConfig()
+    assert preset.train == TrainConfig()
