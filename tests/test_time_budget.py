@@ -17,14 +17,15 @@ def _cfg(budget: str):
 
 def test_time_budget_plans_the_schedule_to_end_with_the_budget(corpus_file, tmp_path):
     t0 = time.perf_counter()
-    result = start(_cfg("3s"), [str(corpus_file)], tmp_path / "run")
+    cfg = _cfg("3s")
+    result = start(cfg, [str(corpus_file)], tmp_path / "run")
     wall = time.perf_counter() - t0
     assert 2.0 < wall < 6.0  # the budget, plus set-up and the final evaluation
     assert result.finished and result.step == result.total_steps > 20
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # The last evaluation is at the planned end, where cosine decay reaches lr * min_lr_ratio.
     assert rows[-1]["step"] == result.step
-    assert abs(rows[-1]["lr"] - 0.003 * 0.1) < 1e-4
+    assert abs(rows[-1]["lr"] - cfg.train.lr * cfg.train.min_lr_ratio) < 1e-5
     assert (tmp_path / "run" / "best.pt").exists()
 
 
