@@ -9,7 +9,7 @@ Python API (the CLI uses the same functions)::
         print(ch, end="", flush=True)
 
     cfg = charlm.RunConfig()                 # defaults; tweak cfg.model / cfg.train
-    charlm.train(cfg, ["corpus.txt"], "runs/mine")
+    charlm.fit(cfg, ["corpus.txt"], "runs/mine")
     charlm.resume("runs/mine/latest.pt", {"max_steps": 4000})
 
 Attributes are imported lazily so that `import charlm` (and `charlm --help`) does not
@@ -21,13 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "train", "resume", "RunConfig", "ModelConfig", "TrainConfig", "CharLMError",
+__all__ = ["load", "fit", "resume", "RunConfig", "ModelConfig", "TrainConfig", "CharLMError",
            "__version__"]
 
 _LAZY = {
     "load": ("charlm.api", "load"),
     "CharLM": ("charlm.api", "CharLM"),
-    "train": ("charlm.train", "start"),
+    # Not `train`: importing the submodule charlm.train binds that name to the module.
+    "fit": ("charlm.train", "start"),
     "resume": ("charlm.train", "resume"),
     "RunConfig": ("charlm.config", "RunConfig"),
     "ModelConfig": ("charlm.config", "ModelConfig"),

@@ -23,3 +23,23 @@ def test_train_sample_resume_eval_info(runner, corpus_file, tmp_path):
     res = runner.invoke(app, ["eval", str(out / "best.pt"), "--json"])
     data = json.loads(res.stdout)
     assert 0 < data["bpc"] < 8 and data["chars"] > 0
+
+
+def test_python_api_after_the_training_module_is_loaded(corpus_file, tmp_path):
+    """The README's API: fit, resume, load, sample, stream, evaluate — usable even once
+    charlm.train (the module) has been imported."""
+    import charlm
+    import charlm.train  # noqa: F401  (binds the package attribute `train` to the module)
+
+    cfg = charlm.RunConfig()
+    cfg.model.hidden_size, cfg.model.num_layers, cfg.model.embedding_size = 32, 1, 16
+    cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_interval = 16, 4, 10
+    cfg.train.preview_length, cfg.train.max_steps = 0, 20
+    result = charlm.fit(cfg, [str(corpus_file)], tmp_path / "run")
+    assert result.step == 20
+    charlm.resume(tmp_path / "run" / "latest.pt", {"max_steps": 30})
+    m = charlm.load(tmp_path / "run" / "latest.pt")
+    assert m.info()["step"] == 30
+    text = m.sample(prime="The ", length=40, temperature=0.5, seed=1)
+    assert len(text) == 40 and text == "".join(m.stream(prime="The ", length=40, temperature=0.5, seed=1))
+    assert 0 < m.evaluate()["bpc"] < 8
