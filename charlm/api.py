@@ -45,7 +45,6 @@ class CharLM:
 
     def sample(self, num_samples: int = 1, **options: Any) -> str | list[str]:
         """Generated text (prime not included): a string, or a list when num_samples > 1."""
-        rows = [""] * num_samples
         parts: list[list[str]] = [[] for _ in range(num_samples)]
         for chars in self.stream_batch(num_samples, **options):
             for row, ch in enumerate(chars):

@@ -142,6 +142,7 @@ class Trainer:
         self.best_val: float | None = None
         self.last_val: float | None = None
         self.last_eval_step = -1
+        self.session_eval_seconds = 0.0
         self.loss_sum = 0.0  # train bits since the last evaluation (for the metrics line)
         self.loss_count = 0
         self.state: State | None = None
@@ -266,7 +267,8 @@ class Trainer:
             self.plan_final = True
         if self.total_steps is not None:
             callbacks.on_plan(self.total_steps)
-        timed_steps, timed_seconds = 0, 0.0
+        mark: tuple[float, float] | None = None  # (clock, evaluation seconds) after warm-up
+        self.session_eval_seconds = 0.0
         session_steps = 0
         last_saved: list[Path] = []
         finished = True
@@ -277,6 +279,14 @@ class Trainer:
                 paths = self.save(best=False, step_file=False)
                 raise TrainingInterrupted(signum, str(paths[-1]), self.step)  # latest.pt
             now = time.perf_counter()
+            # Step time from loop start to loop start (everything a step costs the budget),
+            # less the evaluations, which the plan counts separately.
+            if session_steps == 3:  # the first steps pay for allocation and warm-up
+                mark = (now, self.session_eval_seconds)
+            elif mark is not None:
+                self.sec_per_step = (now - mark[0] - (self.session_eval_seconds - mark[1])) / (session_steps - 3)
+            if time_cap is not None and not self.plan_final and session_steps >= PROBE_STEPS:
+                self._replan(time_cap, session_start, max_steps, callbacks)
             limit = time_cap * (1 + TIME_GRACE) if time_cap is not None and self.plan_final else time_cap
             if limit is not None and now - session_start >= limit:
                 finished = False
@@ -313,27 +323,20 @@ class Trainer:
                 "elapsed": time.perf_counter() - session_start, "time_cap": time_cap,
                 "chars_seen": self.chars_seen,
             })
-            wall = time.perf_counter() - now  # the whole step, progress reporting included
-            self.elapsed += wall
-            if session_steps > 2:  # the first steps pay for allocation and warm-up
-                timed_steps += 1
-                timed_seconds += wall
-                self.sec_per_step = timed_seconds / timed_steps
-            if time_cap is not None and not self.plan_final and session_steps >= PROBE_STEPS:
-                self._replan(time_cap, session_start, max_steps, callbacks)
+            self.elapsed += time.perf_counter() - now
             at_end = self.total_steps is not None and self.step >= self.total_steps
             if self.step % tc.eval_interval == 0 or at_end:
-                last_saved = self._evaluate_and_save(callbacks, session_start, time_cap, max_steps)
+                last_saved = self._evaluate_and_save(callbacks)
         if not finished and self.step and self.last_eval_step != self.step:
             # Stopped by the clock before the plan's end: still evaluate (best.pt) and save.
-            last_saved = self._evaluate_and_save(callbacks, session_start, None, max_steps)
+            last_saved = self._evaluate_and_save(callbacks)
         elif not last_saved and self.step:
             last_saved = self.save(best=False, step_file=False)
         return TrainResult(self.out_dir, self.step, self.total_steps, self.chars_seen, self.elapsed,
                            self.best_val, self.last_val, finished, last_saved)
 
-    def _evaluate_and_save(self, callbacks: Callbacks, session_start: float, time_cap: float | None,
-                           max_steps: int | None) -> list[Path]:
+    def _evaluate_and_save(self, callbacks: Callbacks) -> list[Path]:
+        """Score the held-out text, save the checkpoints, log a metrics line, show previews."""
         t0 = time.perf_counter()
         val_bpc, _ = evaluate(self.model, self.split.val, self.device)
         self.last_eval_step = self.step
@@ -358,6 +361,7 @@ class Trainer:
         callbacks.on_eval(record, previews)
         # What an evaluation costs the time budget: scoring, saving (fsync) and previews.
         self.eval_seconds = time.perf_counter() - t0
+        self.session_eval_seconds += self.eval_seconds
         return saved
 
     def previews(self) -> list[tuple[float, str]]:
