@@ -9,7 +9,7 @@ from typing import Any
 
 from charlm import checkpoint as ckpt_io
 from charlm.config import RunConfig
-from charlm.corpus import load_corpus
+from charlm.corpus import load_corpus, reload_corpus
 from charlm.data import split
 from charlm.device import resolve_device
 from charlm.errors import CharLMError
@@ -57,7 +57,7 @@ class CharLM:
 
         Characters outside the vocabulary cannot be scored: they are left out and counted.
         """
-        from charlm.train import evaluate, _reload_corpus
+        from charlm.train import evaluate
 
         if specs:
             text = load_corpus(specs, encoding).text
@@ -65,7 +65,7 @@ class CharLM:
             skipped = len(text) - len(ids)
             source = list(specs)
         else:
-            corpus = _reload_corpus(self.checkpoint["corpus"], self.path)
+            corpus = reload_corpus(self.checkpoint["corpus"], self.path)
             ids = split(self.vocab.encode(corpus.text), self.config.train.val_fraction).val
             skipped = 0
             source = ["held-out part of " + ", ".join(corpus.specs)]

@@ -71,6 +71,18 @@ def read_documents(docs: list[Document], specs: list[str], encoding: str | None)
     return Corpus(text, specs, [d.source for d in docs], digest)
 
 
+def reload_corpus(desc: dict, checkpoint: Path) -> Corpus:
+    """Read a run's recorded documents again and check they still hash to what it trained on."""
+    docs = [doc for source in desc["documents"] for doc in resolve(source)]
+    corpus = read_documents(docs, desc["specs"], desc.get("encoding") or None)
+    if corpus.sha256 != desc["sha256"]:
+        raise CharLMError(
+            f"{checkpoint}: the corpus changed since this checkpoint was written "
+            f"({', '.join(desc['specs'])}); resume needs the same text"
+        )
+    return corpus
+
+
 def resolve(spec: str) -> list[Document]:
     """Turn one CORPUS argument into its documents, in a stable (sorted) order."""
     if spec.startswith("nltk:"):

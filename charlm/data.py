@@ -60,17 +60,14 @@ class StreamBatcher:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The next window (x, y, each (B, T)) and whether it starts a new pass (reset state)."""
-        new_pass = False
         if self.pos + self.seq_len > self.stream_len:
             # Drop the ragged tail and start a new pass over the streams.
             self.pos = 0
             self.epoch += 1
-            new_pass = True
         start = self.pos
         self.pos += self.seq_len
-        return self.x[:, start : start + self.seq_len], self.y[:, start : start + self.seq_len], (
-            new_pass or start == 0
-        )
+        window = slice(start, start + self.seq_len)
+        return self.x[:, window], self.y[:, window], start == 0
 
     def state_dict(self) -> dict[str, int]:
         return {"pos": self.pos, "epoch": self.epoch}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt_io
 from charlm.config import RunConfig, TrainConfig, parse_duration, to_toml
-from charlm.corpus import Corpus, load_corpus
+from charlm.corpus import Corpus, load_corpus, reload_corpus
 from charlm.data import StreamBatcher, eval_streams, split
 from charlm.device import autocast_dtype, resolve_device, resolve_precision
 from charlm.errors import CharLMError, TrainingInterrupted
@@ -489,7 +489,7 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
         # A --time run stopped before it fixed its step count: finish its original budget.
         time_cap = max(1.0, parse_duration(cfg.train.time) - float(ck.get("elapsed", 0.0)))
 
-    corpus = _reload_corpus(ck["corpus"], path)
+    corpus = reload_corpus(ck["corpus"], path)
     vocab, ids = Vocab.build(corpus.text)
     if vocab.chars != ck["vocab"]:
         raise CharLMError(f"{path}: the corpus's vocabulary differs from the checkpoint's")
@@ -529,20 +529,6 @@ def _check_changes(cfg: RunConfig, data: dict[str, Any], origin: str) -> None:
                     f"{origin}: cannot change {section}.{key} on resume (run has "
                     f"{current[section][key]!r}, got {candidate[section][key]!r})"
                 )
-
-
-def _reload_corpus(desc: dict[str, Any], path: Path) -> Corpus:
-    """Read the run's documents again and check the text is the one it trained on."""
-    from charlm.corpus import read_documents, resolve
-
-    docs = [doc for source in desc["documents"] for doc in resolve(source)]
-    corpus = read_documents(docs, desc["specs"], desc.get("encoding") or None)
-    if corpus.sha256 != desc["sha256"]:
-        raise CharLMError(
-            f"{path}: the corpus changed since this checkpoint was written "
-            f"({', '.join(desc['specs'])}); resume needs the same text"
-        )
-    return corpus
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
