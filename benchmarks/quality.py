@@ -23,7 +23,7 @@ from pathlib import Path
 from dataclasses import fields
 
 from charlm.config import RunConfig, apply_overrides
-from charlm.corpus import load_corpus
+from charlm.encode import encode_corpus
 from charlm.train import start
 
 # Each candidate changes a few settings from the defaults; keep the list short enough to
@@ -102,9 +102,9 @@ def main() -> None:
     ap.add_argument("--only", type=str, default="", help="comma list of sweep indices to run")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
-    corpus = load_corpus(None)  # nltk:state_union, read once for all runs
+    corpus = encode_corpus(None)  # nltk:state_union, encoded once for all runs
     print(json.dumps({"machine": platform.processor() or platform.machine(),
-                      "python": sys.version.split()[0], "corpus_chars": len(corpus.text)}), flush=True)
+                      "python": sys.version.split()[0], "corpus_chars": len(corpus.ids)}), flush=True)
     base = parse_set(args.set)
     grid = SWEEP if args.sweep else CONFIRM if args.confirm else [{}]
     if args.only:

@@ -9,7 +9,7 @@ from typing import Any
 
 from charlm import checkpoint as ckpt_io
 from charlm.config import RunConfig
-from charlm.corpus import load_corpus, reload_corpus
+from charlm.corpus import load_corpus
 from charlm.data import split
 from charlm.device import resolve_device
 from charlm.errors import CharLMError
@@ -64,14 +64,21 @@ class CharLM:
             ids = self.vocab.encode(text, unknown="skip")
             skipped = len(text) - len(ids)
             source = list(specs)
+            max_chars = None
         else:
-            corpus = reload_corpus(self.checkpoint["corpus"], self.path)
-            ids = split(self.vocab.encode(corpus.text), self.config.train.val_fraction).val
+            from charlm.encode import reopen_corpus
+
+            corpus = reopen_corpus(self.checkpoint["corpus"], self.path)
+            if corpus.vocab.chars != self.vocab.chars:
+                raise CharLMError(f"{self.path}: the corpus's vocabulary differs from the checkpoint's")
+            ids = split(corpus.ids, self.config.train.val_fraction).val
             skipped = 0
-            source = ["held-out part of " + ", ".join(corpus.specs)]
+            source = ["held-out part of " + ", ".join(corpus.desc["specs"])]
+            # Scored as training scored it, so the number matches the run's val bpc.
+            max_chars = self.config.train.eval_chars
         if len(ids) < 2:
             raise CharLMError("nothing to evaluate: fewer than 2 known characters")
-        bpc, chars = evaluate(self.model, ids, self.device)
+        bpc, chars = evaluate(self.model, ids, self.device, max_chars=max_chars)
         return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
                 "checkpoint": str(self.path), "step": int(self.checkpoint["step"])}
 

@@ -151,6 +151,7 @@ def train(
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear warmup steps before cosine decay.")] = None,
     eval_interval: EvalOpt = None,
+    eval_chars: Annotated[Optional[int], typer.Option("--eval-chars", help="Held-out characters scored per evaluation, spread over the held-out text (0 = all).")] = None,
     keep: KeepOpt = None,
     precision: PrecisionOpt = None,
     compile: CompileOpt = None,
@@ -167,7 +168,7 @@ def train(
                  num_layers=num_layers, hidden_size=hidden_size, embedding_size=embedding_size,
                  dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, warmup_steps=warmup_steps, eval_interval=eval_interval,
-                 keep=keep, precision=precision, compile=compile,
+                 eval_chars=eval_chars, keep=keep, precision=precision, compile=compile,
                  preview_length=0 if no_preview else preview_length)
     cfg = build_config(config, flags)
     _with_progress(quiet, lambda callbacks, stop: start(

@@ -57,6 +57,9 @@ class TrainConfig:
     time: str = ""  # DURATION; empty means no time budget
     val_fraction: float = 0.05
     eval_interval: int = 200
+    # Held-out characters scored per evaluation (0: all). A gigabyte corpus holds out tens of
+    # megabytes, too many to score every few hundred steps; rows are spread over all of it.
+    eval_chars: int = 250_000
     keep: int = 3
     seed: int = 1337
     device: str = "auto"
@@ -77,6 +80,7 @@ class TrainConfig:
             parse_duration(self.time)
         _check_float("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
         _check_int("eval_interval", self.eval_interval, 1)
+        _check_int("eval_chars", self.eval_chars, 0)
         _check_int("keep", self.keep, 0)
         _check_int("seed", self.seed, 0)
         _check_choice("device", self.device, DEVICES)

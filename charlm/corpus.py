@@ -1,7 +1,8 @@
-"""Text sources: files, directories, globs and `nltk:NAME[/FILEID]`, read into one string.
+"""Text sources: files, directories, globs and `nltk:NAME[/FILEID]`.
 
 Every source is resolved to a list of documents first (so bad input is found before any
-text is read or any file written), then read and joined with `DOC_SEPARATOR`.
+text is read or any file written), then read in chunks (`iter_text`); the documents of a
+corpus are joined with `DOC_SEPARATOR`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import glob
 import hashlib
 import io
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ DEFAULT_SOURCE = "nltk:state_union"
 # Documents are separated by a blank line so the model sees where one speech ends.
 DOC_SEPARATOR = "\n\n"
 _GLOB_CHARS = set("*?[")
+CHUNK_BYTES = 1 << 22  # files are read and decoded 4 MiB at a time
 
 
 @dataclass(frozen=True)
@@ -53,34 +56,36 @@ class Corpus:
 
 def load_corpus(specs: list[str] | None, encoding: str | None = None) -> Corpus:
     """Resolve and read CORPUS arguments (none means `nltk:state_union`)."""
-    specs = list(specs) if specs else [DEFAULT_SOURCE]
-    docs = [doc for spec in specs for doc in resolve(spec)]
+    specs, docs = resolve_all(specs)
     return read_documents(docs, specs, encoding)
 
 
-def read_documents(docs: list[Document], specs: list[str], encoding: str | None) -> Corpus:
-    """Read resolved documents and join them; raises `CharLMError` for unreadable ones."""
+def check_encoding(encoding: str | None) -> None:
+    """Refuse an `--encoding` Python does not know, before anything is read."""
     if encoding is not None:
         try:
             codecs.lookup(encoding)
         except LookupError:
             raise CharLMError(f"--encoding: unknown encoding {encoding!r}") from None
-    parts = [_read(doc, encoding) for doc in docs]
+
+
+def read_documents(docs: list[Document], specs: list[str], encoding: str | None) -> Corpus:
+    """Read resolved documents into one string; raises `CharLMError` for unreadable ones.
+
+    For text that fits in memory (evaluation files, tests); training streams the documents
+    through `charlm.encode` instead and never holds the whole text.
+    """
+    check_encoding(encoding)
+    parts = ["".join(iter_text(doc, encoding)) for doc in docs]
     text = DOC_SEPARATOR.join(parts)
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return Corpus(text, specs, [d.source for d in docs], digest)
 
 
-def reload_corpus(desc: dict, checkpoint: Path) -> Corpus:
-    """Read a run's recorded documents again and check they still hash to what it trained on."""
-    docs = [doc for source in desc["documents"] for doc in resolve(source)]
-    corpus = read_documents(docs, desc["specs"], desc.get("encoding") or None)
-    if corpus.sha256 != desc["sha256"]:
-        raise CharLMError(
-            f"{checkpoint}: the corpus changed since this checkpoint was written "
-            f"({', '.join(desc['specs'])}); resume needs the same text"
-        )
-    return corpus
+def resolve_all(specs: list[str] | None) -> tuple[list[str], list[Document]]:
+    """The CORPUS arguments (none means `nltk:state_union`) and their documents, in order."""
+    specs = list(specs) if specs else [DEFAULT_SOURCE]
+    return specs, [doc for spec in specs for doc in resolve(spec)]
 
 
 def resolve(spec: str) -> list[Document]:
@@ -106,30 +111,60 @@ def resolve(spec: str) -> list[Document]:
     raise CharLMError(f"{spec}: no such file or folder")
 
 
-def _read(doc: Document, encoding: str | None) -> str:
+def iter_text(doc: Document, encoding: str | None,
+              on_read: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The decoded text of one document, in chunks of about `CHUNK_BYTES`; `on_read` is
+    told how many bytes each chunk read (for a progress bar).
+
+    Raises `CharLMError` (naming the file) for an empty, binary or undecodable document.
+    """
     if doc.nltk_corpus is not None:
-        return _read_nltk(doc)
+        text = _read_nltk(doc)  # NLTK reads a whole file; its corpora are small
+        if on_read is not None:
+            on_read(len(text))
+        yield text
+        return
     assert doc.path is not None
     try:
-        data = doc.path.read_bytes()
+        fh = open(doc.path, "rb")  # noqa: SIM115 - the generator closes it
     except OSError as exc:
         raise CharLMError(f"{doc.path}: cannot read: {exc.strerror}") from None
-    if not data:
+    # utf-8-sig is strict UTF-8 that drops a leading BOM; the incremental decoder keeps a
+    # character split across two chunks whole.
+    decoder = codecs.getincrementaldecoder(encoding or "utf-8-sig")("strict")
+    offset = 0  # bytes read before this chunk
+    produced = False
+    with fh:
+        while True:
+            try:
+                data = fh.read(CHUNK_BYTES)
+            except OSError as exc:
+                raise CharLMError(f"{doc.path}: cannot read: {exc.strerror}") from None
+            if offset == 0:
+                if not data:
+                    raise CharLMError(f"{doc.path}: file is empty")
+                if encoding is None and b"\x00" in data[:8192]:
+                    # NUL bytes never occur in UTF-8 text: an image, archive, checkpoint...
+                    raise CharLMError(
+                        f"{doc.path}: looks like a binary file (contains NUL bytes), not text")
+            pending = len(getattr(decoder, "buffer", b""))  # undecoded bytes of the last chunk
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                raise CharLMError(
+                    f"{doc.path}: not valid {encoding or 'UTF-8'} at byte "
+                    f"{offset - pending + exc.start} (try --encoding latin-1)"
+                ) from None
+            offset += len(data)
+            if on_read is not None:
+                on_read(len(data))
+            if text:
+                produced = True
+                yield text
+            if not data:
+                break
+    if not produced:
         raise CharLMError(f"{doc.path}: file is empty")
-    if encoding is None and b"\x00" in data[:8192]:
-        # NUL bytes never occur in UTF-8 text; this is an image, archive, checkpoint...
-        raise CharLMError(f"{doc.path}: looks like a binary file (contains NUL bytes), not text")
-    enc = encoding or "utf-8-sig"  # utf-8-sig is strict UTF-8 that drops a leading BOM
-    try:
-        text = data.decode(enc)
-    except UnicodeDecodeError as exc:
-        name = encoding or "UTF-8"
-        raise CharLMError(
-            f"{doc.path}: not valid {name} at byte {exc.start} (try --encoding latin-1)"
-        ) from None
-    if not text:
-        raise CharLMError(f"{doc.path}: file is empty")
-    return text
 
 
 # --- NLTK ---------------------------------------------------------------------------------
@@ -230,3 +265,27 @@ def _read_nltk(doc: Document) -> str:
     if not text:
         raise CharLMError(f"{doc.source}: file is empty")
     return text
+
+
+def iter_bytes(doc: Document) -> Iterator[bytes]:
+    """The raw content of one document in chunks (what the corpus cache key hashes)."""
+    if doc.nltk_corpus is not None:
+        yield _read_nltk(doc).encode("utf-8", "surrogatepass")
+        return
+    assert doc.path is not None
+    try:
+        with open(doc.path, "rb") as fh:
+            while data := fh.read(CHUNK_BYTES):
+                yield data
+    except OSError as exc:
+        raise CharLMError(f"{doc.path}: cannot read: {exc.strerror}") from None
+
+
+def size_of(doc: Document) -> int:
+    """Bytes in a file document (0 for NLTK documents, whose size is known only once read)."""
+    if doc.path is None:
+        return 0
+    try:
+        return doc.path.stat().st_size
+    except OSError:
+        return 0

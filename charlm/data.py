@@ -12,22 +12,35 @@ and the hidden state can be carried across batches:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
+import numpy as np
 import torch
 
 from charlm.errors import CharLMError
 
 
+Ids = Union[np.ndarray, torch.Tensor]  # a memory-mapped corpus, or any 1-D id tensor
+
+
 @dataclass
 class Split:
-    """Encoded corpus cut into the training part and the held-out tail."""
+    """Encoded corpus cut into the training part and the held-out tail (views, not copies)."""
 
-    train: torch.Tensor  # (N_train,) small-int ids
-    val: torch.Tensor  # (N_val,) the last `val_fraction` of the corpus
+    train: np.ndarray  # (N_train,) small-int ids
+    val: np.ndarray  # (N_val,) the last `val_fraction` of the corpus
 
 
-def split(ids: torch.Tensor, val_fraction: float) -> Split:
+def as_array(ids: Ids) -> np.ndarray:
+    """A 1-D numpy view of `ids` (a memmap stays a memmap; a tensor is shared, not copied)."""
+    if isinstance(ids, torch.Tensor):
+        return ids.detach().cpu().numpy()
+    return ids
+
+
+def split(ids: Ids, val_fraction: float) -> Split:
     """Hold out the last `val_fraction` of the corpus (the latest documents) for validation."""
+    ids = as_array(ids)
     n_val = max(2, int(len(ids) * val_fraction))
     if len(ids) - n_val < 2:
         raise CharLMError(f"corpus is too small to train on: {len(ids)} characters")
@@ -35,20 +48,26 @@ def split(ids: torch.Tensor, val_fraction: float) -> Split:
 
 
 class StreamBatcher:
-    """Yields (x, y) windows of B contiguous streams; its position is part of a checkpoint."""
+    """Yields (x, y) windows of B contiguous streams; its position is part of a checkpoint.
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, device: torch.device):
-        usable = len(ids) - 1  # the last character is only ever a target
+    The ids stay where they are (a memory-mapped corpus of gigabytes is never copied): each
+    batch gathers its B windows of T + 1 characters. `rows` picks which of the B streams this
+    process trains on (a slice of them per rank in distributed training).
+    """
+
+    def __init__(self, ids: Ids, batch_size: int, seq_len: int, device: torch.device,
+                 rows: range | None = None) -> None:
+        self.ids = as_array(ids)
+        usable = len(self.ids) - 1  # the last character is only ever a target
         stream_len = usable // batch_size
         if stream_len < 1:
             raise CharLMError(
-                f"training text ({len(ids)} characters) is too short for --batch-size "
+                f"training text ({len(self.ids)} characters) is too short for --batch-size "
                 f"{batch_size}; use a smaller batch or more text"
             )
-        # Inputs and targets as (B, L) views of one preloaded tensor: a batch is a slice.
-        data = ids[: stream_len * batch_size + 1].to(device=device, dtype=torch.long)
-        self.x = data[:-1].view(batch_size, stream_len)
-        self.y = data[1:].view(batch_size, stream_len)
+        rows = rows if rows is not None else range(batch_size)
+        self.starts = np.asarray(rows, dtype=np.int64)[:, None] * stream_len  # (B, 1)
+        self.device = device
         self.seq_len = min(seq_len, stream_len)
         self.stream_len = stream_len
         self.pos = 0
@@ -56,7 +75,7 @@ class StreamBatcher:
 
     @property
     def chars_per_batch(self) -> int:
-        return self.x.shape[0] * self.seq_len
+        return len(self.starts) * self.seq_len
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The next window (x, y, each (B, T)) and whether it starts a new pass (reset state)."""
@@ -66,8 +85,13 @@ class StreamBatcher:
             self.epoch += 1
         start = self.pos
         self.pos += self.seq_len
-        window = slice(start, start + self.seq_len)
-        return self.x[:, window], self.y[:, window], start == 0
+        index = self.starts + np.arange(start, start + self.seq_len + 1)  # (B, T + 1)
+        window = torch.from_numpy(self.ids[index].astype(np.int64))
+        if self.device.type == "cuda":
+            window = window.pin_memory().to(self.device, non_blocking=True)
+        else:
+            window = window.to(self.device)
+        return window[:, :-1], window[:, 1:], start == 0
 
     def state_dict(self) -> dict[str, int]:
         return {"pos": self.pos, "epoch": self.epoch}
@@ -77,13 +101,20 @@ class StreamBatcher:
         self.epoch = int(state["epoch"])
 
 
-def eval_streams(ids: torch.Tensor, max_streams: int = 16, min_len: int = 512) -> torch.Tensor:
-    """Held-out text as (S, L) rows, evaluated in parallel with carried state.
+def eval_streams(ids: Ids, max_streams: int = 16, min_len: int = 512,
+                 max_chars: int | None = None) -> torch.Tensor:
+    """Held-out text as (S, L) int64 rows, evaluated in parallel with carried state.
 
     Every character after the first of each row is scored; rows are long (>= `min_len`
-    where the text allows) so little is lost to the cold start of each row.
+    where the text allows) so little is lost to the cold start of each row. With
+    `max_chars` (a large corpus), S rows of max_chars / S characters are spread evenly over
+    the held-out text instead of covering all of it.
     """
+    ids = as_array(ids)
     n = len(ids)
-    streams = max(1, min(max_streams, n // min_len))
-    length = n // streams
-    return ids[: streams * length].view(streams, length).long()
+    budget = n if not max_chars or max_chars >= n else max(2, max_chars)
+    streams = max(1, min(max_streams, budget // min_len))
+    length = budget // streams
+    stride = n // streams  # == length when the whole text is scored
+    index = np.arange(streams, dtype=np.int64)[:, None] * stride + np.arange(length)
+    return torch.from_numpy(ids[index].astype(np.int64))

@@ -29,7 +29,8 @@ class Reporter(Callbacks):
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.bar: tqdm | None = None
+        self.bar: tqdm | None = None  # training steps
+        self.corpus_bar: tqdm | None = None  # hashing / encoding the corpus
         self.smooth: float | None = None
         self.val: float | None = None
         self.stop: Any = None
@@ -41,6 +42,28 @@ class Reporter(Callbacks):
             self.bar.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        """A bar for hashing / encoding the corpus (on a terminal; a large corpus takes a while)."""
+        if self.quiet or not self.tty:
+            return
+        bar = self.corpus_bar
+        if bar is None or bar.desc != stage:
+            self._end_corpus_bar()
+            bar = self.corpus_bar = tqdm(total=total or None, file=self.stream, desc=stage, unit="B",
+                            unit_scale=True, unit_divisor=1024, leave=False, mininterval=0.5,
+                            dynamic_ncols=_columns(self.stream) > 0,
+                            ncols=None if _columns(self.stream) > 0 else 100)
+        bar.update(done - bar.n)
+
+    def _end_corpus_bar(self) -> None:
+        if self.corpus_bar is not None:
+            self.corpus_bar.close()
+            self.corpus_bar = None
+
+    def on_message(self, text: str) -> None:
+        self._end_corpus_bar()  # the corpus is read once a message about it comes
+        self._print(f"charlm: {text}")
 
     def on_start(self, info: dict[str, Any]) -> None:
         if self.stop is not None:
@@ -94,10 +117,8 @@ class Reporter(Callbacks):
         for t, text in previews:
             self._print(f"  --- sample at temperature {t:g} ---\n  " + text.replace("\n", "\n  "))
 
-    def on_message(self, text: str) -> None:
-        self._print(f"charlm: {text}")
-
     def close(self) -> None:
+        self._end_corpus_bar()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

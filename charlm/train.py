@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt_io
 from charlm.config import RunConfig, TrainConfig, parse_duration, to_toml
-from charlm.corpus import Corpus, load_corpus, reload_corpus
-from charlm.data import StreamBatcher, eval_streams, split
+from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
+from charlm.data import Ids, StreamBatcher, eval_streams, split
 from charlm.device import autocast_dtype, resolve_device, resolve_precision
 from charlm.errors import CharLMError, TrainingInterrupted
 from charlm.model import CharRNN, State, detach_state, state_from_list, state_to_list
@@ -59,6 +59,10 @@ class Callbacks:
 
     def on_message(self, text: str) -> None: ...
 
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        """Reading the corpus: `stage` is "hashing" or "encoding"; bytes done of `total`
+        (0 when the total is not known in advance)."""
+
 
 @dataclass
 class TrainResult:
@@ -83,9 +87,11 @@ def _never() -> int:
     return 0
 
 
-def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, chunk: int = 1024) -> tuple[float, int]:
-    """Bits per character of `ids` (fp32, no autograd, dropout off) and how many were scored."""
-    rows = eval_streams(ids).to(device)  # (S, L)
+def evaluate(model: CharRNN, ids: Ids, device: torch.device, chunk: int = 1024,
+             max_chars: int | None = None) -> tuple[float, int]:
+    """Bits per character of `ids` (fp32, no autograd, dropout off) and how many were scored;
+    `max_chars` caps the characters scored (rows spread over all of `ids`)."""
+    rows = eval_streams(ids, max_chars=max_chars).to(device)  # (S, L)
     was_training = model.training
     model.eval()
     total_bits = torch.zeros((), dtype=torch.float64, device=device)
@@ -107,7 +113,7 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, chunk: int
 class Trainer:
     """One run: model, optimizer, data stream and all state that a checkpoint carries."""
 
-    def __init__(self, cfg: RunConfig, vocab: Vocab, ids: torch.Tensor, corpus: dict[str, Any],
+    def __init__(self, cfg: RunConfig, vocab: Vocab, ids: Ids, corpus: dict[str, Any],
                  out_dir: Path, device: torch.device) -> None:
         self.cfg = cfg
         self.vocab = vocab
@@ -232,7 +238,8 @@ class Trainer:
         eval_s = self.eval_seconds
         if eval_s is None:
             # Not measured yet: a forward pass costs about a third of forward + backward.
-            eval_s = len(self.split.val) * self.sec_per_step / self.batcher.chars_per_batch / 3
+            scored = min(len(self.split.val), tc.eval_chars or len(self.split.val))
+            eval_s = scored * self.sec_per_step / self.batcher.chars_per_batch / 3
         per_step = self.sec_per_step + eval_s / tc.eval_interval
         steps = int(max(0.0, remaining * (1 - TIME_MARGIN) - eval_s) / per_step)
         return self.step + max(1, steps)
@@ -338,7 +345,7 @@ class Trainer:
     def _evaluate_and_save(self, callbacks: Callbacks) -> list[Path]:
         """Score the held-out text, save the checkpoints, log a metrics line, show previews."""
         t0 = time.perf_counter()
-        val_bpc, _ = evaluate(self.model, self.split.val, self.device)
+        val_bpc, _ = evaluate(self.model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
         self.last_eval_step = self.step
         improved = self.best_val is None or val_bpc < self.best_val
         if improved:
@@ -421,7 +428,7 @@ def _clear_run(out_dir: Path) -> None:
 
 def start(cfg: RunConfig, specs: list[str] | None, out_dir: Path, *, encoding: str | None = None,
           force: bool = False, callbacks: Callbacks | None = None,
-          should_stop: StopCheck = _never, corpus: Corpus | None = None) -> TrainResult:
+          should_stop: StopCheck = _never, corpus: EncodedCorpus | None = None) -> TrainResult:
     """Train a new model on CORPUS specs into `out_dir`.
 
     Everything is validated (config, device, corpus, output folder) before the first write.
@@ -433,11 +440,9 @@ def start(cfg: RunConfig, specs: list[str] | None, out_dir: Path, *, encoding: s
     device = resolve_device(cfg.train.device)
     time_cap = parse_duration(cfg.train.time) if cfg.train.time else None
     if corpus is None:
-        corpus = load_corpus(specs, encoding)
-    vocab, ids = Vocab.build(corpus.text)
-    desc = corpus.describe()
-    desc["encoding"] = encoding or ""
-    trainer = Trainer(cfg, vocab, ids, desc, out_dir, device)
+        corpus = encode_corpus(specs, encoding, progress=callbacks.on_progress)
+    callbacks.on_message(corpus_note(corpus))
+    trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, out_dir, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.clean_temporary(out_dir)
     if force:
@@ -489,11 +494,10 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
         # A --time run stopped before it fixed its step count: finish its original budget.
         time_cap = max(1.0, parse_duration(cfg.train.time) - float(ck.get("elapsed", 0.0)))
 
-    corpus = reload_corpus(ck["corpus"], path)
-    vocab, ids = Vocab.build(corpus.text)
-    if vocab.chars != ck["vocab"]:
+    corpus = reopen_corpus(ck["corpus"], path, progress=callbacks.on_progress)
+    if corpus.vocab.chars != ck["vocab"]:
         raise CharLMError(f"{path}: the corpus's vocabulary differs from the checkpoint's")
-    trainer = Trainer(cfg, vocab, ids, ck["corpus"], out_dir, device)
+    trainer = Trainer(cfg, corpus.vocab, corpus.ids, ck["corpus"], out_dir, device)
     trainer.load_state_dict(ck)
     if new_max is not None:
         trainer.total_steps, trainer.plan_final = new_max, True
@@ -514,6 +518,16 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
     for note in notes:
         callbacks.on_message(note)
     return trainer.fit(time_cap, new_max, callbacks, should_stop)
+
+
+def corpus_note(corpus: EncodedCorpus) -> str:
+    """One line on where the encoded corpus came from."""
+    what = (f"corpus: {corpus.desc['chars']:,} characters, {len(corpus.vocab)} distinct, "
+            f"{corpus.ids.dtype.name} ids")
+    if corpus.encoded:
+        rate = corpus.desc["chars"] / max(corpus.seconds, 1e-9) / 1e6
+        return f"{what}, encoded in {corpus.seconds:.1f}s ({rate:,.1f} M chars/s), cached in {corpus.path.parent}"
+    return f"{what}, from the cache ({corpus.path.parent})"
 
 
 def _check_changes(cfg: RunConfig, data: dict[str, Any], origin: str) -> None:

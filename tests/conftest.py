@@ -43,6 +43,19 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _corpus_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Encoded corpora go to a cache folder of this test session, never to ~/.cache (the
+    variable is inherited by the CLI subprocesses too)."""
+    old = os.environ.get("CHARLM_CACHE_DIR")
+    os.environ["CHARLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("corpus-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CHARLM_CACHE_DIR", None)
+    else:
+        os.environ["CHARLM_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _restore_rng():
     """Training seeds the global RNGs; put them back so other tests see what they expect."""

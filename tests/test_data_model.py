@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,20 @@ def test_split_holds_out_the_tail():
     s = split(ids, 0.1)
     assert s.train.tolist() == list(range(90))
     assert s.val.tolist() == list(range(90, 100))
-    assert torch.equal(torch.cat([s.train, s.val]), ids)
+    assert np.array_equal(np.concatenate([s.train, s.val]), ids.numpy())
+    assert np.shares_memory(s.train, s.val.base if s.val.base is not None else s.val)  # views
+
+
+def test_split_and_batches_read_a_memmap_without_copying_it(tmp_path):
+    path = tmp_path / "ids"
+    np.arange(1001, dtype=np.uint16).tofile(path)
+    ids = np.memmap(path, dtype=np.uint16, mode="r", shape=(1001,))
+    s = split(ids, 0.1)
+    assert isinstance(s.train, np.memmap) and isinstance(s.val, np.memmap)
+    b = StreamBatcher(s.train, batch_size=3, seq_len=5, device=CPU)
+    x, y, _ = b.next()
+    assert x.dtype == torch.long and x[:, 0].tolist() == [0, 300, 600]
+    assert torch.equal(y, x + 1)
 
 
 def test_split_keeps_at_least_two_validation_chars():
@@ -98,6 +112,20 @@ def test_position_is_saved_and_restored():
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and ra == rb
 
 
+def test_rows_pick_a_subset_of_the_same_streams():
+    ids = torch.arange(801)
+    whole = StreamBatcher(ids, batch_size=4, seq_len=10, device=CPU)
+    halves = [StreamBatcher(ids, batch_size=4, seq_len=10, device=CPU, rows=range(r * 2, r * 2 + 2))
+              for r in range(2)]
+    for _ in range(25):  # across a wrap-around
+        x, y, reset = whole.next()
+        parts = [h.next() for h in halves]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert all(p[2] == reset for p in parts)
+    assert halves[0].chars_per_batch == 20
+
+
 def test_seq_len_is_clipped_to_the_stream_and_short_text_is_rejected():
     b = StreamBatcher(torch.arange(21), batch_size=4, seq_len=100, device=CPU)
     x, y, _ = b.next()
@@ -111,6 +139,15 @@ def test_eval_streams_shape():
     assert rows.shape == (16, 625) and rows.dtype == torch.long
     assert rows[1, 0].item() == 625  # rows are consecutive slices
     assert eval_streams(torch.arange(100)).shape == (1, 100)  # short text: one row
+
+
+def test_eval_streams_cap_spreads_rows_over_the_held_out_text():
+    rows = eval_streams(torch.arange(100_000), max_streams=16, min_len=512, max_chars=8192)
+    assert rows.shape == (16, 512)
+    assert rows[:, 0].tolist() == [k * 6250 for k in range(16)]  # evenly spaced starts
+    assert torch.equal(rows[3], torch.arange(3 * 6250, 3 * 6250 + 512))
+    # A cap at or above the text's length scores all of it, as without one.
+    assert torch.equal(eval_streams(torch.arange(10_000), max_chars=10_000), eval_streams(torch.arange(10_000)))
 
 
 # --- model --------------------------------------------------------------------------------
