@@ -31,8 +31,21 @@ app = typer.Typer(
 DEFAULT_OUT = Path("checkpoints")
 
 
+def _rank() -> int:
+    """torchrun's RANK for this process (0 when it runs alone)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def err(text: str) -> None:
-    """One line on stderr."""
+    """One line on stderr (naming the process when torchrun started several)."""
+    rank = _rank()
+    if rank and text.startswith("charlm:"):
+        text = f"charlm[rank {rank}]:" + text[len("charlm:"):]
     print(text, file=sys.stderr, flush=True)
 
 
@@ -47,9 +60,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err(f"charlm: error: {exc}")
             raise typer.Exit(2) from None
         except TrainingInterrupted as exc:
-            name = signal.Signals(exc.signum).name
-            err(f"charlm: {name} at step {exc.step}: saved {exc.checkpoint}")
-            err(f"charlm: continue with: charlm resume {exc.checkpoint}")
+            if _rank() == 0:  # one report for all processes: rank 0 saved the checkpoint
+                name = signal.Signals(exc.signum).name
+                err(f"charlm: {name} at step {exc.step}: saved {exc.checkpoint}")
+                err(f"charlm: continue with: charlm resume {exc.checkpoint}")
             raise typer.Exit(128 + exc.signum) from None
         except KeyboardInterrupt:
             err("charlm: interrupted")
@@ -90,8 +104,9 @@ class StopFlag:
     """SIGINT / SIGTERM handlers that only record the signal: training finishes its step,
     saves, and exits; a second Ctrl-C while saving changes nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum = 0
+        self.announce = announce
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -101,7 +116,8 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.signum:
             self.signum = signum
-            err(f"\ncharlm: {signal.Signals(signum).name}: finishing the step and saving...")
+            if self.announce:
+                err(f"\ncharlm: {signal.Signals(signum).name}: finishing the step and saving...")
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -182,13 +198,17 @@ def _with_progress(quiet: bool, run: Callable[[Any, StopFlag], Any]) -> None:
 
     from charlm.progress import Reporter
 
-    reporter, stop = Reporter(quiet=quiet), StopFlag()
+    # Under torchrun rank 0 alone shows progress; every rank still stops cleanly on a signal.
+    main = _rank() == 0
+    reporter, stop = Reporter(quiet=quiet or not main), StopFlag(announce=main)
     reporter.stop = stop  # installed when training starts: Ctrl-C before that just exits
     try:
         result = run(reporter, stop)
     finally:
         stop.restore()
         reporter.close()
+    if not main:
+        return
     if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
         from charlm.plot import plot_run
 

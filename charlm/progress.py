@@ -76,7 +76,9 @@ class Reporter(Callbacks):
             f"charlm: {verb}: {m['num_layers']}x{m['hidden_size']} {m['cell'].upper()}, "
             f"{info['params']:,} parameters, {info['vocab_size']} characters; "
             f"{info['train_chars']:,} train / {info['val_chars']:,} held-out chars; "
-            f"{info['device']} {info['precision']}; output {info['out_dir']}/"
+            f"{info['device']} {info['precision']}"
+            + (f" x {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
+            + f"; output {info['out_dir']}/"
         )
         if self.tty:
             # A pseudo-terminal may report 0 columns (script, some CI consoles): tqdm would then

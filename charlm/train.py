@@ -13,6 +13,7 @@ resume + M steps equals N + M steps in one run, bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -29,6 +30,7 @@ from charlm.config import RunConfig, TrainConfig, parse_duration, to_toml
 from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.data import Ids, StreamBatcher, eval_streams, split
 from charlm.device import autocast_dtype, resolve_device, resolve_precision
+from charlm.distributed import Dist, from_env
 from charlm.errors import CharLMError, TrainingInterrupted
 from charlm.model import CharRNN, State, detach_state, state_from_list, state_to_list
 from charlm.schedule import lr_at
@@ -41,6 +43,7 @@ TIME_MARGIN = 0.03  # plan to finish 3 % early: timing noise must not push past 
 PLAN_FIX_FRACTION = 0.5  # re-estimate the step count until half the budget is spent, then fix it
 TIME_GRACE = 0.02  # a fixed plan may overrun its budget by 2 % to finish its schedule
 PREVIEW_TEMPERATURES = (0.2, 0.5, 1.0)
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
 # Settings a resume may change; everything else would make it a different run.
 RESUMABLE = {"max_steps", "time", "device", "eval_interval", "keep", "precision",
              "compile", "preview_length"}
@@ -114,8 +117,9 @@ class Trainer:
     """One run: model, optimizer, data stream and all state that a checkpoint carries."""
 
     def __init__(self, cfg: RunConfig, vocab: Vocab, ids: Ids, corpus: dict[str, Any],
-                 out_dir: Path, device: torch.device) -> None:
+                 out_dir: Path, device: torch.device, dist: Dist | None = None) -> None:
         self.cfg = cfg
+        self.dist = dist = dist or Dist()
         self.vocab = vocab
         self.corpus = corpus
         self.out_dir = out_dir
@@ -123,10 +127,17 @@ class Trainer:
         tc = cfg.train
         self.precision = resolve_precision(tc.precision, device)
         self.split = split(ids, tc.val_fraction)
-        self.batcher = StreamBatcher(self.split.train, tc.batch_size, tc.seq_len, device)
+        # --batch-size streams per process: the text is cut into batch_size x world_size
+        # streams, and each rank trains on its own block of them.
+        mine = range(dist.rank * tc.batch_size, (dist.rank + 1) * tc.batch_size)
+        self.batcher = StreamBatcher(self.split.train, tc.batch_size * dist.world_size, tc.seq_len,
+                                     device, rows=mine)
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = CharRNN(cfg.model, len(vocab)).to(device)
+        if dist.enabled:
+            # Same initial weights on every rank (same seed), different dropout masks.
+            torch.manual_seed(tc.seed + RANK_SEED_STRIDE * dist.rank)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -137,7 +148,15 @@ class Trainer:
         )
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        module: torch.nn.Module = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Averages gradients over the ranks during backward, so every rank's optimizer
+            # takes the same step and the weights stay identical.
+            module = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(module) if tc.compile else module
         self.step = 0
         self.total_steps: int | None = None
         self.plan_final = False
@@ -154,12 +173,39 @@ class Trainer:
         self.state: State | None = None
 
     # --- checkpoint state -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG, carried hidden state, loss window, a weight digest."""
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         # Saved in its own dtype (bf16 under autocast): a cast would break exact resume.
         hidden = [t.detach().cpu() for t in state_to_list(self.state)] if self.state is not None else []
+        mine: dict[str, Any] = {"rng": rng, "hidden": hidden, "loss_window": [self.loss_sum, self.loss_count]}
+        if self.dist.enabled:
+            digest = hashlib.sha256()
+            for t in self.model.state_dict().values():
+                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            mine["weights_sha256"] = digest.hexdigest()
+        return mine
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole checkpoint (gathered from every rank); None on ranks other than 0."""
+        ranks = self.dist.gather(self._rank_state())
+        if ranks is None:
+            return None
+        digests = {r.get("weights_sha256") for r in ranks}
+        if len(digests) > 1:
+            raise CharLMError(f"the {len(ranks)} processes' weights differ at step {self.step}; "
+                              "not saving a checkpoint that only one of them would match")
+        # One hidden state for all streams: rank r's rows follow rank r-1's, as in the data.
+        hidden = ([torch.cat(parts, dim=1) for parts in zip(*(r["hidden"] for r in ranks))]
+                  if all(r["hidden"] for r in ranks) else [])
+        world = len(ranks)
+        # The loss window as one process would hold it: mean over ranks, rank 0's count.
+        window = [sum(r["loss_window"][0] for r in ranks) / world, ranks[0]["loss_window"][1]]
+        extra: dict[str, Any] = {}
+        if world > 1:
+            extra["ranks"] = [{k: v for k, v in r.items() if k != "hidden"} for r in ranks]
         return {
             "format": ckpt_io.FORMAT,
             "version": ckpt_io.VERSION,
@@ -177,13 +223,15 @@ class Trainer:
             "eval_seconds": self.eval_seconds,
             "best_val_bpc": self.best_val,
             "last_val_bpc": self.last_val,
-            "loss_window": [self.loss_sum, self.loss_count],
-            "rng": rng,
+            "loss_window": window,
+            "rng": ranks[0]["rng"],
             "data": self.batcher.state_dict(),
             "hidden": hidden,
             "corpus": self.corpus,
             "device": self.device.type,
             "precision": self.precision,
+            "world_size": world,
+            **extra,
         }
 
     def load_state_dict(self, ck: dict[str, Any]) -> None:
@@ -200,20 +248,32 @@ class Trainer:
         self.eval_seconds = ck.get("eval_seconds")
         self.best_val = ck.get("best_val_bpc")
         self.last_val = ck.get("last_val_bpc")
-        self.loss_sum, self.loss_count = ck.get("loss_window", [0.0, 0])
         self.batcher.load_state_dict(ck["data"])
-        hidden = ck.get("hidden") or []
-        self.state = state_from_list([t.to(self.device) for t in hidden], self.cfg.model.cell) if hidden else None
+        d = self.dist
+        # This rank's rows of the run's hidden state (all of it in a single process).
+        rows = slice(int(self.batcher.starts.shape[0]) * d.rank, int(self.batcher.starts.shape[0]) * (d.rank + 1))
+        hidden = [t[:, rows].to(self.device) for t in ck.get("hidden") or []]
+        self.state = state_from_list(hidden, self.cfg.model.cell) if hidden else None
+        ranks = ck.get("ranks") or []
+        if len(ranks) == d.world_size > 1:  # same number of processes: each its own state
+            own = ranks[d.rank]
+            rng, (self.loss_sum, self.loss_count) = own["rng"], own["loss_window"]
+        elif d.is_main:
+            rng, (self.loss_sum, self.loss_count) = ck["rng"], ck.get("loss_window", [0.0, 0])
+        else:  # a run resumed in more processes than it had: fresh, distinct dropout streams
+            rng, self.loss_sum, self.loss_count = None, 0.0, 0
+            torch.manual_seed(self.cfg.train.seed + RANK_SEED_STRIDE * d.rank + self.step)
         # RNG last: building the model above drew random numbers for its initial weights.
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuple(rng["python"]))
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_tuple(rng["python"]))
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def save(self, best: bool, step_file: bool) -> list[Path]:
-        """Write latest.pt (and best.pt / step-N.pt); each write is atomic."""
-        data = ckpt_io.serialize(self.state_dict())
+        """Write latest.pt (and best.pt / step-N.pt); each write is atomic. Every rank calls
+        this (it gathers their states); rank 0 alone writes."""
+        state = self.state_dict()
         targets = []
         if best:
             targets.append(self.out_dir / "best.pt")
@@ -223,6 +283,9 @@ class Trainer:
         # resumed run redoes this step exactly and rewrites the others; the other way round
         # latest.pt would claim a best val that best.pt never received.
         targets.append(self.out_dir / "latest.pt")
+        if state is None:
+            return targets
+        data = ckpt_io.serialize(state)
         for path in targets:
             ckpt_io.write_atomic(path, data)
         if step_file:
@@ -279,12 +342,10 @@ class Trainer:
         session_steps = 0
         last_saved: list[Path] = []
         finished = True
+        d = self.dist
         while (self.total_steps is None or self.step < self.total_steps) and not (
                 max_steps and self.step >= max_steps):
             signum = should_stop()
-            if signum:
-                paths = self.save(best=False, step_file=False)
-                raise TrainingInterrupted(signum, str(paths[-1]), self.step)  # latest.pt
             now = time.perf_counter()
             # Step time from loop start to loop start (everything a step costs the budget),
             # less the evaluations, which the plan counts separately.
@@ -292,10 +353,24 @@ class Trainer:
                 mark = (now, self.session_eval_seconds)
             elif mark is not None:
                 self.sec_per_step = (now - mark[0] - (self.session_eval_seconds - mark[1])) / (session_steps - 3)
-            if time_cap is not None and not self.plan_final and session_steps >= PROBE_STEPS:
+            # Rank 0's clock plans and stops the run; the other ranks follow it.
+            if time_cap is not None and not self.plan_final and session_steps >= PROBE_STEPS and d.is_main:
                 self._replan(time_cap, session_start, max_steps, callbacks)
             limit = time_cap * (1 + TIME_GRACE) if time_cap is not None and self.plan_final else time_cap
-            if limit is not None and now - session_start >= limit:
+            out_of_time = d.is_main and limit is not None and now - session_start >= limit
+            if d.enabled:
+                # One small all-reduce per step: a signal on any rank stops them all, at the
+                # same step, and rank 0's plan and clock hold for every rank.
+                planned = -1 if self.total_steps is None or not d.is_main else self.total_steps
+                signum, late, planned, final = d.agree(
+                    [signum, int(out_of_time), planned, int(self.plan_final and d.is_main)])
+                out_of_time, self.plan_final = bool(late), bool(final)
+                self.total_steps = None if planned < 0 else planned
+            if signum:
+                paths = self.save(best=False, step_file=False)
+                d.barrier()  # the checkpoint is complete before any rank exits
+                raise TrainingInterrupted(signum, str(paths[-1]), self.step)  # latest.pt
+            if out_of_time:
                 finished = False
                 break
             x, y, reset = self.batcher.next()  # (B, T) each
@@ -321,12 +396,12 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
             session_steps += 1
-            self.chars_seen += x.numel()
+            self.chars_seen += x.numel() * d.world_size
             self.loss_sum += bpc
             self.loss_count += 1
             callbacks.on_step({
                 "step": self.step, "total": self.total_steps, "bpc": bpc, "lr": lr,
-                "chars_per_s": x.numel() / dt if dt > 0 else 0.0,
+                "chars_per_s": x.numel() * d.world_size / dt if dt > 0 else 0.0,
                 "elapsed": time.perf_counter() - session_start, "time_cap": time_cap,
                 "chars_seen": self.chars_seen,
             })
@@ -339,13 +414,19 @@ class Trainer:
             last_saved = self._evaluate_and_save(callbacks)
         elif not last_saved and self.step:
             last_saved = self.save(best=False, step_file=False)
+        d.barrier()  # no rank returns (and reads a checkpoint) before rank 0 has written it
         return TrainResult(self.out_dir, self.step, self.total_steps, self.chars_seen, self.elapsed,
                            self.best_val, self.last_val, finished, last_saved)
 
     def _evaluate_and_save(self, callbacks: Callbacks) -> list[Path]:
         """Score the held-out text, save the checkpoints, log a metrics line, show previews."""
         t0 = time.perf_counter()
-        val_bpc, _ = evaluate(self.model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
+        d = self.dist
+        windows = d.gather((self.loss_sum, self.loss_count)) or []
+        val_bpc = 0.0
+        if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
+            val_bpc, _ = evaluate(self.model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
+        val_bpc = d.broadcast(val_bpc)
         self.last_eval_step = self.step
         improved = self.best_val is None or val_bpc < self.best_val
         if improved:
@@ -354,13 +435,16 @@ class Trainer:
         record = {
             "step": self.step,
             "chars": self.chars_seen,
-            "train_bpc": self.loss_sum / max(1, self.loss_count),
+            # Mean over every rank's batches since the last evaluation.
+            "train_bpc": sum(w[0] for w in windows) / max(1, sum(w[1] for w in windows)),
             "val_bpc": val_bpc,
             "lr": lr_at(self.step - 1, self.total_steps, self.cfg.train),
             "elapsed": round(self.elapsed, 3),
         }
         self.loss_sum, self.loss_count = 0.0, 0
         saved = self.save(best=improved, step_file=True)
+        if not d.is_main:
+            return saved
         # Metrics after the checkpoint: a crash in between loses a line, never invents one.
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -432,24 +516,47 @@ def start(cfg: RunConfig, specs: list[str] | None, out_dir: Path, *, encoding: s
     """Train a new model on CORPUS specs into `out_dir`.
 
     Everything is validated (config, device, corpus, output folder) before the first write.
+    Launched by torchrun, every process calls this; they train one model together with
+    DistributedDataParallel, and rank 0 alone reports (`callbacks`) and writes files.
     """
-    callbacks = callbacks or Callbacks()
     cfg.validate()
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, force)
     device = resolve_device(cfg.train.device)
     time_cap = parse_duration(cfg.train.time) if cfg.train.time else None
-    if corpus is None:
-        corpus = encode_corpus(specs, encoding, progress=callbacks.on_progress)
-    callbacks.on_message(corpus_note(corpus))
-    trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, out_dir, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_io.clean_temporary(out_dir)
-    if force:
-        _clear_run(out_dir)
-    ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
-    callbacks.on_start(_info(trainer, resumed=False))
-    return trainer.fit(time_cap, cfg.train.max_steps or None, callbacks, should_stop)
+    d, device = from_env(device)
+    try:
+        callbacks = _for_rank(callbacks or Callbacks(), d)
+        d.barrier()  # every rank has checked --out before rank 0 writes into it
+        if corpus is None:
+            corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
+        callbacks.on_message(corpus_note(corpus))
+        trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, out_dir, device, d)
+        if d.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.clean_temporary(out_dir)
+            if force:
+                _clear_run(out_dir)
+            ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
+        callbacks.on_start(_info(trainer, resumed=False))
+        return trainer.fit(time_cap, cfg.train.max_steps or None, callbacks, should_stop)
+    finally:
+        d.close()
+
+
+class _StartOnly(Callbacks):
+    """What a rank other than 0 reports: only that training started (so a caller can arm its
+    signal handlers there too); progress is rank 0's to show."""
+
+    def __init__(self, inner: Callbacks) -> None:
+        self.inner = inner
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.inner.on_start(info)
+
+
+def _for_rank(callbacks: Callbacks, d: Dist) -> Callbacks:
+    return callbacks if d.is_main else _StartOnly(callbacks)
 
 
 def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: dict[str, Any] | None = None,
@@ -460,7 +567,6 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
     cadence (`RESUMABLE`); `config_file` (a parsed --config) may repeat the run's other
     settings but not change them. Anything else raises `CharLMError` naming the setting.
     """
-    callbacks = callbacks or Callbacks()
     path = Path(path)
     ck = ckpt_io.load(path)
     cfg = RunConfig.from_dict(ck["config"], origin=str(path))
@@ -483,21 +589,43 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
                          "available here; continuing with --device auto")
             cfg.train.device = "auto"
     device = resolve_device(cfg.train.device)
-    out_dir = path.parent
     step = int(ck["step"])
-    total = ck.get("total_steps")
     new_max = changes.get("max_steps")
     if new_max is not None and new_max < step:
         raise CharLMError(f"--max-steps {new_max}: the run is already at step {step}")
     time_cap = parse_duration(cfg.train.time) if "time" in changes else None
-    if total is None and time_cap is None and cfg.train.time and new_max is None:
+    if ck.get("total_steps") is None and time_cap is None and cfg.train.time and new_max is None:
         # A --time run stopped before it fixed its step count: finish its original budget.
         time_cap = max(1.0, parse_duration(cfg.train.time) - float(ck.get("elapsed", 0.0)))
 
-    corpus = reopen_corpus(ck["corpus"], path, progress=callbacks.on_progress)
+    d, device = from_env(device)
+    try:
+        callbacks = _for_rank(callbacks or Callbacks(), d)
+        return _resume(ck, path, cfg, d, device, changes, time_cap, notes, callbacks, should_stop)
+    finally:
+        d.close()
+
+
+def _resume(ck: dict[str, Any], path: Path, cfg: RunConfig, d: Dist, device: torch.device,
+            changes: dict[str, Any], time_cap: float | None, notes: list[str], callbacks: Callbacks,
+            should_stop: StopCheck) -> TrainResult:
+    """The part of `resume` that runs inside the process group (when there is one)."""
+    out_dir, step, total, new_max = path.parent, int(ck["step"]), ck.get("total_steps"), changes.get("max_steps")
+    world = int(ck.get("world_size", 1))
+    if world != d.world_size:
+        # Same streams, hidden state and global batch, split over a different process count.
+        streams = cfg.train.batch_size * world
+        if streams % d.world_size:
+            raise CharLMError(
+                f"{path}: the run trains {streams} streams ({cfg.train.batch_size} per process x "
+                f"{world}), which {d.world_size} processes cannot share equally")
+        cfg.train.batch_size = streams // d.world_size
+        notes.append(f"the run was trained by {world} process(es); continuing in {d.world_size} with "
+                     f"--batch-size {cfg.train.batch_size} each (the same {streams} streams)")
+    corpus = d.local_first(lambda: reopen_corpus(ck["corpus"], path, progress=callbacks.on_progress))
     if corpus.vocab.chars != ck["vocab"]:
         raise CharLMError(f"{path}: the corpus's vocabulary differs from the checkpoint's")
-    trainer = Trainer(cfg, corpus.vocab, corpus.ids, ck["corpus"], out_dir, device)
+    trainer = Trainer(cfg, corpus.vocab, corpus.ids, ck["corpus"], out_dir, device, d)
     trainer.load_state_dict(ck)
     if new_max is not None:
         trainer.total_steps, trainer.plan_final = new_max, True
@@ -511,9 +639,11 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
             f"{path}: the run already finished its {total} steps; extend it with --max-steps N "
             f"(N > {step}) or --time DURATION"
         )
-    ckpt_io.clean_temporary(out_dir)
-    _truncate_metrics(out_dir / "metrics.jsonl", step)
-    ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
+    if d.is_main:
+        ckpt_io.clean_temporary(out_dir)
+        _truncate_metrics(out_dir / "metrics.jsonl", step)
+        ckpt_io.write_atomic(out_dir / "config.toml", to_toml(cfg).encode("utf-8"))
+    d.barrier()  # rank 0 has tidied the folder before any rank trains
     callbacks.on_start(_info(trainer, resumed=True))
     for note in notes:
         callbacks.on_message(note)
@@ -571,6 +701,7 @@ def _info(trainer: Trainer, resumed: bool) -> dict[str, Any]:
         "vocab_size": len(trainer.vocab),
         "train_chars": len(trainer.split.train),
         "val_chars": len(trainer.split.val),
+        "world_size": trainer.dist.world_size,
         "step": trainer.step,
         "total_steps": trainer.total_steps,
         "config": trainer.cfg.to_dict(),

@@ -1,0 +1,111 @@
+"""Multi-process training under `torchrun`: the process group and the few collectives the
+trainer needs.
+
+torchrun starts one process per GPU (or per CPU share) and tells each its place through
+environment variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without
+them, or with WORLD_SIZE=1, `Dist` is a single process and every collective here returns at
+once, so single-process training runs the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun launch (rank 0 of 1 when it is alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # initialized the process group here, so destroys it in close()
+    device: torch.device | None = None  # where collective tensors live (CUDA for NCCL)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def agree(self, values: list[int]) -> list[int]:
+        """Element-wise maximum over all ranks (every rank gets the same list back)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: T) -> list[T] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None on the other ranks)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def local_first(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on each machine's local rank 0 first, then on the other ranks (building a
+        cache once per machine, which the others then read)."""
+        if not self.enabled:
+            return fn()
+        result = fn() if self.local_rank == 0 else None
+        dist.barrier()
+        return result if self.local_rank == 0 else fn()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def from_env(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (NCCL for CUDA, gloo on the CPU) when there is one;
+    returns it and the device this rank trains on (its own GPU under CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist(), device
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # device_id binds NCCL to this rank's GPU up front (no guessing in barrier()).
+        extra = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **extra)
+        owns = True
+    coll = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return Dist(rank, world, local, owns, coll), device

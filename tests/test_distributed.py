@@ -1,0 +1,145 @@
+"""Training in several processes with `torchrun` (gloo on the CPU), as a user launches it.
+
+Checks that the ranks' weights stay identical, that rank 0 alone writes one set of files,
+that the result matches one process training the same streams, that a checkpoint resumes
+in one process and, exactly, in the same number of processes, and that SIGTERM sent to one
+rank stops them all with one saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import checkpoint
+from conftest import TEXT, charlm_cmd, subprocess_env
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers in /proc")
+
+MODEL = ["--hidden-size", "32", "--num-layers", "2", "--embedding-size", "16", "--seq-len", "16",
+         "--batch-size", "4", "--no-preview", "--device", "cpu", "--precision", "fp32"]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "charlm", *args]
+
+
+def run(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ddp") / "speech.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path)["model"]
+
+
+def test_two_processes_train_one_model_and_it_resumes_in_one(corpus: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    proc = run(torchrun("train", str(corpus), "--out", str(out), "--max-steps", "20",
+                        "--eval-interval", "10", *MODEL))
+    ck = checkpoint.load(out / "latest.pt")
+    assert ck["step"] == 20 and ck["world_size"] == 2
+    # Every rank hashed its own weights when the checkpoint was saved: all the same.
+    digests = [r["weights_sha256"] for r in ck["ranks"]]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # Rank 0 alone wrote: one set of files, one metrics line per evaluation, one report.
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [
+        "best.pt", "config.toml", "latest.pt", "metrics.jsonl", "step-0000010.pt", "step-0000020.pt"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+    assert proc.stderr.count("charlm: training:") == 1 and "x 2 processes" in proc.stderr
+    assert proc.stderr.count("charlm: finished") == 1
+    # 2 ranks x 4 streams: the hidden state of all 8 streams is in the checkpoint.
+    assert [tuple(t.shape) for t in ck["hidden"]] == [(2, 8, 32), (2, 8, 32)]
+
+    # DDP averages the two ranks' gradients: the same as one process training all 8 streams.
+    single = tmp_path / "single"
+    flags = list(MODEL)
+    flags[flags.index("--batch-size") + 1] = "8"
+    run([*charlm_cmd(), "train", str(corpus), "--out", str(single), "--max-steps", "20",
+         "--eval-interval", "10", *flags, "--quiet"])
+    a, b = weights(out / "latest.pt"), weights(single / "latest.pt")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-5, rtol=1e-4), key
+
+    # One process continues the two-process run (all 8 streams), then samples and evaluates.
+    res = run([*charlm_cmd(), "resume", str(out / "latest.pt"), "--max-steps", "30"])
+    assert "continuing in 1 with --batch-size 8" in res.stderr
+    after = checkpoint.load(out / "latest.pt")
+    assert after["step"] == 30 and after["world_size"] == 1
+    text = run([*charlm_cmd(), "sample", "-c", str(out / "latest.pt"), "-n", "40", "--seed", "1"]).stdout
+    assert len(text) >= 40
+    assert "bpc" in run([*charlm_cmd(), "eval", str(out / "latest.pt")]).stdout
+
+
+def _workers(parent: int) -> list[int]:
+    """PIDs of torchrun's charlm worker processes (its direct children running charlm)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"charlm" in cmd:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_sigterm_to_one_rank_stops_all_and_resumes_exactly(corpus: Path, tmp_path: Path):
+    total = ["--max-steps", "800", "--eval-interval", "40", "--dropout", "0.3"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(torchrun("train", str(corpus), "--out", str(out), *total, *MODEL),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = _workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)  # one rank only (rank order is not known; either works)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ck = checkpoint.load(out / "latest.pt")
+    assert 40 <= ck["step"] < 800, stderr[-2000:]
+    assert stderr.count(f"SIGTERM at step {ck['step']}: saved {out / 'latest.pt'}") == 1, stderr[-2000:]
+    assert proc.returncode != 0  # torchrun reports its workers' exit code 143
+    assert not list(out.glob("*.tmp*"))
+
+    # The same two processes continue it to the end: bit-identical to an uninterrupted run.
+    run(torchrun("resume", str(out / "latest.pt"), "--quiet"))
+    full = tmp_path / "full"
+    run(torchrun("train", str(corpus), "--out", str(full), *total, *MODEL, "--quiet"))
+    a, b = checkpoint.load(out / "latest.pt"), checkpoint.load(full / "latest.pt")
+    assert a["step"] == b["step"] == 800
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["weights_sha256"] for r in a["ranks"]] == [r["weights_sha256"] for r in b["ranks"]]
+    strip = [{k: v for k, v in json.loads(x).items() if k != "elapsed"}
+             for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in json.loads(x).items() if k != "elapsed"}
+            for x in (out / "metrics.jsonl").read_text().splitlines()] == strip
+    shutil.rmtree(full)
