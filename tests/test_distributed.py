@@ -143,3 +143,19 @@ def test_sigterm_to_one_rank_stops_all_and_resumes_exactly(corpus: Path, tmp_pat
     assert [{k: v for k, v in json.loads(x).items() if k != "elapsed"}
             for x in (out / "metrics.jsonl").read_text().splitlines()] == strip
     shutil.rmtree(full)
+
+
+def test_resume_in_a_process_count_that_cannot_share_the_streams(corpus: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    from charlm import train
+    from charlm.distributed import Dist
+    from charlm.errors import CharLMError
+
+    out = tmp_path / "run"
+    run([*charlm_cmd(), "train", str(corpus), "--out", str(out), "--max-steps", "5", *MODEL, "--quiet"])
+    before = (out / "latest.pt").read_bytes()
+    # As if torchrun had started 3 processes: 4 streams cannot be split 3 ways.
+    monkeypatch.setattr(train, "from_env", lambda device: (Dist(rank=0, world_size=3), device))
+    with pytest.raises(CharLMError, match=r"4 streams \(4 per process x 1\).*3 processes"):
+        train.resume(out / "latest.pt", {"max_steps": 10})
+    assert (out / "latest.pt").read_bytes() == before
