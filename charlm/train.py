@@ -8,6 +8,10 @@ step finishes, `latest.pt` is saved, and `TrainingInterrupted` is raised.
 Exact resume: a checkpoint holds weights, optimizer, step, the planned step count, every
 RNG state training uses, the data position and the carried hidden state, so N steps +
 resume + M steps equals N + M steps in one run, bit for bit on the CPU.
+
+Under torchrun every process runs this same code on its own block of streams, with
+DistributedDataParallel averaging the gradients (`charlm.distributed`); rank 0 evaluates,
+reports and writes, and its checkpoint holds every rank's state.
 """
 
 from __future__ import annotations
