@@ -99,6 +99,7 @@ class CharLM:
             "parameters": self.model.num_parameters(),
             "device_trained": ck.get("device"),
             "precision": ck.get("precision"),
+            "processes": int(ck.get("world_size", 1)),
             "corpus": {"sources": corpus.get("specs"), "documents": len(corpus.get("documents", [])),
                        "chars": corpus.get("chars"), "sha256": corpus.get("sha256")},
             "config": self.config.to_dict(),

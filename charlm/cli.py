@@ -366,7 +366,8 @@ def info(
             ("chars seen", fmt(data["chars_seen"])), ("training time", f"{data['elapsed_s']:.0f} s"),
             ("best val bpc", fmt(data["best_val_bpc"])), ("last val bpc", fmt(data["last_val_bpc"])),
             ("parameters", fmt(data["parameters"])), ("vocabulary", f"{data['vocab_size']} characters"),
-            ("trained on", f"{data['device_trained']} ({data['precision']})"),
+            ("trained on", f"{data['device_trained']} ({data['precision']})"
+             + (f" x {data['processes']} processes" if data["processes"] > 1 else "")),
             ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
             ("corpus sha256", str(c["sha256"]))]
     for section, values in data["config"].items():

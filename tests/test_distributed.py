@@ -79,14 +79,16 @@ def test_two_processes_train_one_model_and_it_resumes_in_one(corpus: Path, tmp_p
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-5, rtol=1e-4), key
 
-    # One process continues the two-process run (all 8 streams), then samples and evaluates.
+    # A two-process checkpoint samples, evaluates and describes itself in one process ...
+    text = run([*charlm_cmd(), "sample", "-c", str(out / "latest.pt"), "-n", "40", "--seed", "1"]).stdout
+    assert len(text) >= 40
+    assert "bpc" in run([*charlm_cmd(), "eval", str(out / "latest.pt")]).stdout
+    assert "cpu (fp32) x 2 processes" in run([*charlm_cmd(), "info", str(out / "latest.pt")]).stdout
+    # ... and one process continues the run (all 8 streams).
     res = run([*charlm_cmd(), "resume", str(out / "latest.pt"), "--max-steps", "30"])
     assert "continuing in 1 with --batch-size 8" in res.stderr
     after = checkpoint.load(out / "latest.pt")
     assert after["step"] == 30 and after["world_size"] == 1
-    text = run([*charlm_cmd(), "sample", "-c", str(out / "latest.pt"), "-n", "40", "--seed", "1"]).stdout
-    assert len(text) >= 40
-    assert "bpc" in run([*charlm_cmd(), "eval", str(out / "latest.pt")]).stdout
 
 
 def _workers(parent: int) -> list[int]:
