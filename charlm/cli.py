@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from charlm import __version__
-from charlm.errors import CharLMError, TrainingInterrupted
+from charlm.errors import CharLMError, PeerFailed, TrainingInterrupted
 
 app = typer.Typer(
     name="charlm",
@@ -56,6 +56,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except PeerFailed:
+            raise typer.Exit(2) from None  # the process that failed printed the error
         except CharLMError as exc:
             err(f"charlm: error: {exc}")
             raise typer.Exit(2) from None

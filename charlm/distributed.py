@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from charlm.errors import CharLMError, PeerFailed
+
 T = TypeVar("T")
 
 
@@ -74,19 +76,51 @@ class Dist:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def local_first(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on each machine's local rank 0 first, then on the other ranks (building a
-        cache once per machine, which the others then read)."""
+    def checked(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on every rank; when it raises `CharLMError` on any of them, every rank
+        raises: the lowest failing rank its own error, the others `PeerFailed`.
+
+        Without this a rank whose input is bad (a missing corpus, say) would exit while the
+        others wait in their next collective until gloo/NCCL fails them with a traceback.
+        `fn` must not itself use collectives (a failing rank would never reach them).
+        """
         if not self.enabled:
             return fn()
-        result = fn() if self.local_rank == 0 else None
-        dist.barrier()
-        return result if self.local_rank == 0 else fn()  # type: ignore[return-value]
+        failure: CharLMError | None = None
+        result: T | None = None
+        try:
+            result = fn()
+        except CharLMError as exc:
+            failure = exc
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, None if failure is None else str(failure))
+        failed = [r for r, m in enumerate(messages) if m is not None]
+        if failed:
+            if failed[0] == self.rank:
+                assert failure is not None
+                raise failure
+            raise PeerFailed(failed[0], str(messages[failed[0]]))
+        return result  # type: ignore[return-value]
+
+    def local_first(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on each machine's local rank 0 first, then on the other ranks (building a
+        cache once per machine, which the others then read). A `CharLMError` on any rank
+        stops every rank (`checked`)."""
+        if not self.enabled:
+            return fn()
+        first = self.local_rank == 0
+        mine = self.checked(fn if first else _nothing)
+        others = self.checked(_nothing if first else fn)
+        return mine if first else others  # type: ignore[return-value]
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
+
+
+def _nothing() -> None:
+    return None
 
 
 def from_env(device: torch.device) -> tuple[Dist, torch.device]:

@@ -7,6 +7,15 @@ class CharLMError(Exception):
     """Bad input or an unusable file: the CLI prints the message on one line and exits 2."""
 
 
+class PeerFailed(CharLMError):
+    """Another torchrun process stopped on a `CharLMError` (and printed it); this one stops
+    too, with exit code 2 and no message of its own, so the user reads the error once."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"process {rank} stopped: {message}")
+        self.rank = rank
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving `checkpoint`; the CLI exits 128 + signum."""
 

@@ -525,13 +525,14 @@ def start(cfg: RunConfig, specs: list[str] | None, out_dir: Path, *, encoding: s
     """
     cfg.validate()
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, force)
     device = resolve_device(cfg.train.device)
     time_cap = parse_duration(cfg.train.time) if cfg.train.time else None
     d, device = from_env(device)
     try:
+        # Rank 0 alone writes into --out, so its check is the one that counts; a refusal
+        # stops every rank (and is printed once). No rank goes on before it is done.
+        d.checked(lambda: prepare_out_dir(out_dir, force) if d.is_main else None)
         callbacks = _for_rank(callbacks or Callbacks(), d)
-        d.barrier()  # every rank has checked --out before rank 0 writes into it
         if corpus is None:
             corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
         callbacks.on_message(corpus_note(corpus))
@@ -593,12 +594,8 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, *, config_file: 
                          "available here; continuing with --device auto")
             cfg.train.device = "auto"
     device = resolve_device(cfg.train.device)
-    step = int(ck["step"])
-    new_max = changes.get("max_steps")
-    if new_max is not None and new_max < step:
-        raise CharLMError(f"--max-steps {new_max}: the run is already at step {step}")
     time_cap = parse_duration(cfg.train.time) if "time" in changes else None
-    if ck.get("total_steps") is None and time_cap is None and cfg.train.time and new_max is None:
+    if ck.get("total_steps") is None and time_cap is None and cfg.train.time and "max_steps" not in changes:
         # A --time run stopped before it fixed its step count: finish its original budget.
         time_cap = max(1.0, parse_duration(cfg.train.time) - float(ck.get("elapsed", 0.0)))
 
@@ -616,7 +613,12 @@ def _resume(ck: dict[str, Any], path: Path, cfg: RunConfig, d: Dist, device: tor
     """The part of `resume` that runs inside the process group (when there is one)."""
     out_dir, step, total, new_max = path.parent, int(ck["step"]), ck.get("total_steps"), changes.get("max_steps")
     world = int(ck.get("world_size", 1))
-    if world != d.world_size:
+
+    def check() -> None:
+        if new_max is not None and new_max < step:
+            raise CharLMError(f"--max-steps {new_max}: the run is already at step {step}")
+        if world == d.world_size:
+            return
         # Same streams, hidden state and global batch, split over a different process count.
         streams = cfg.train.batch_size * world
         if streams % d.world_size:
@@ -626,23 +628,27 @@ def _resume(ck: dict[str, Any], path: Path, cfg: RunConfig, d: Dist, device: tor
         cfg.train.batch_size = streams // d.world_size
         notes.append(f"the run was trained by {world} process(es); continuing in {d.world_size} with "
                      f"--batch-size {cfg.train.batch_size} each (the same {streams} streams)")
-    corpus = d.local_first(lambda: reopen_corpus(ck["corpus"], path, progress=callbacks.on_progress))
-    if corpus.vocab.chars != ck["vocab"]:
-        raise CharLMError(f"{path}: the corpus's vocabulary differs from the checkpoint's")
+
+    d.checked(check)  # once every rank is in the group, so a refusal is printed once
+    corpus = d.local_first(lambda: _reopen(ck, path, callbacks))
     trainer = Trainer(cfg, corpus.vocab, corpus.ids, ck["corpus"], out_dir, device, d)
     trainer.load_state_dict(ck)
-    if new_max is not None:
-        trainer.total_steps, trainer.plan_final = new_max, True
-    elif total is not None and step >= total and time_cap is not None:
-        # A finished run given more time: extend by what fits, at the measured speed.
-        if trainer.sec_per_step is None:
-            raise CharLMError(f"{path}: the run has no measured speed to plan --time with; use --max-steps")
-        trainer.total_steps, trainer.plan_final = trainer._plan(time_cap), True
-    elif total is not None and step >= total:
-        raise CharLMError(
-            f"{path}: the run already finished its {total} steps; extend it with --max-steps N "
-            f"(N > {step}) or --time DURATION"
-        )
+
+    def plan() -> None:
+        if new_max is not None:
+            trainer.total_steps, trainer.plan_final = new_max, True
+        elif total is not None and step >= total and time_cap is not None:
+            # A finished run given more time: extend by what fits, at the measured speed.
+            if trainer.sec_per_step is None:
+                raise CharLMError(f"{path}: the run has no measured speed to plan --time with; use --max-steps")
+            trainer.total_steps, trainer.plan_final = trainer._plan(time_cap), True
+        elif total is not None and step >= total:
+            raise CharLMError(
+                f"{path}: the run already finished its {total} steps; extend it with --max-steps N "
+                f"(N > {step}) or --time DURATION"
+            )
+
+    d.checked(plan)
     if d.is_main:
         ckpt_io.clean_temporary(out_dir)
         _truncate_metrics(out_dir / "metrics.jsonl", step)
@@ -652,6 +658,14 @@ def _resume(ck: dict[str, Any], path: Path, cfg: RunConfig, d: Dist, device: tor
     for note in notes:
         callbacks.on_message(note)
     return trainer.fit(time_cap, new_max, callbacks, should_stop)
+
+
+def _reopen(ck: dict[str, Any], path: Path, callbacks: Callbacks) -> EncodedCorpus:
+    """The corpus a checkpoint trained on, with the vocabulary it recorded."""
+    corpus = reopen_corpus(ck["corpus"], path, progress=callbacks.on_progress)
+    if corpus.vocab.chars != ck["vocab"]:
+        raise CharLMError(f"{path}: the corpus's vocabulary differs from the checkpoint's")
+    return corpus
 
 
 def corpus_note(corpus: EncodedCorpus) -> str:

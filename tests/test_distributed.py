@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ddp") / "speech.txt"
     path.write_text(TEXT, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def five_steps(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A single-process run of 5 steps (tests copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("five") / "run"
+    run([*charlm_cmd(), "train", str(corpus), "--out", str(out), "--max-steps", "5", *MODEL, "--quiet"])
+    return out
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -147,17 +156,45 @@ def test_sigterm_to_one_rank_stops_all_and_resumes_exactly(corpus: Path, tmp_pat
     shutil.rmtree(full)
 
 
-def test_resume_in_a_process_count_that_cannot_share_the_streams(corpus: Path, tmp_path: Path,
+def test_resume_in_a_process_count_that_cannot_share_the_streams(five_steps: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch):
     from charlm import train
     from charlm.distributed import Dist
     from charlm.errors import CharLMError
 
-    out = tmp_path / "run"
-    run([*charlm_cmd(), "train", str(corpus), "--out", str(out), "--max-steps", "5", *MODEL, "--quiet"])
+    out = shutil.copytree(five_steps, tmp_path / "run")
     before = (out / "latest.pt").read_bytes()
     # As if torchrun had started 3 processes: 4 streams cannot be split 3 ways.
     monkeypatch.setattr(train, "from_env", lambda device: (Dist(rank=0, world_size=3), device))
+    monkeypatch.setattr(Dist, "checked", lambda self, fn: fn())  # alone: nobody to tell
     with pytest.raises(CharLMError, match=r"4 streams \(4 per process x 1\).*3 processes"):
         train.resume(out / "latest.pt", {"max_steps": 10})
     assert (out / "latest.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["missing corpus", "folder holds a run", "resume behind its step"])
+def test_bad_input_in_two_processes_is_one_line_and_exit_2(case: str, corpus: Path, five_steps: Path,
+                                                          tmp_path: Path):
+    # Only one rank finds the problem (rank 0 encodes the corpus and checks --out); the other
+    # must stop with it instead of dying in its next collective with a gloo traceback.
+    out = tmp_path / "run"
+    if case == "missing corpus":
+        args = ["train", str(tmp_path / "nosuch.txt"), "--out", str(out), *MODEL]
+        expected = "nosuch.txt: no such file or folder"
+    else:
+        shutil.copytree(five_steps, out)
+        if case == "folder holds a run":
+            args = ["train", str(corpus), "--out", str(out), "--max-steps", "5", *MODEL]
+            expected = "already holds a run"
+        else:
+            args = ["resume", str(out / "latest.pt"), "--max-steps", "3"]
+            expected = "the run is already at step 5"
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+    proc = subprocess.run(torchrun(*args), capture_output=True, text=True, env=subprocess_env(), timeout=180)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith(("charlm:", "charlm["))]
+    assert len(ours) == 1 and ours[0].startswith("charlm: error: ") and expected in ours[0], proc.stderr
+    assert "[rank" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr
+    # torchrun's own report: the failing worker exited 2 (never 1, a bug).
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr) and not re.search(r"exitcode\s*:\s*1\b", proc.stderr)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before if before else not out.exists()
