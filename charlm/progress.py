@@ -31,6 +31,7 @@ class Reporter(Callbacks):
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar: tqdm | None = None  # training steps
         self.corpus_bar: tqdm | None = None  # hashing / encoding the corpus
+        self.encoding_noted = False  # said (off a terminal) that encoding started
         self.smooth: float | None = None
         self.val: float | None = None
         self.stop: Any = None
@@ -44,8 +45,17 @@ class Reporter(Callbacks):
             print(text, file=self.stream, flush=True)
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
-        """A bar for hashing / encoding the corpus (on a terminal; a large corpus takes a while)."""
-        if self.quiet or not self.tty:
+        """A bar for hashing / encoding the corpus (on a terminal; a large corpus takes a while).
+
+        Off a terminal (a log file) one line says that encoding started, so a log of a large
+        corpus does not sit silent until training begins."""
+        if self.quiet:
+            return
+        if not self.tty:
+            if stage == "encoding" and not self.encoding_noted:
+                self.encoding_noted = True
+                size = f" ({total / 1e6:,.0f} MB)" if total >= 1e6 else ""
+                self._print(f"charlm: encoding the corpus{size} into the cache; later runs skip this")
             return
         bar = self.corpus_bar
         if bar is None or bar.desc != stage:

@@ -44,6 +44,18 @@ def test_plain_log_lines_previews_and_summary(corpus_file, tmp_path):
     assert "best val bpc" in text and "\r" not in text
 
 
+def test_log_says_once_that_encoding_started_and_then_that_the_cache_served(tmp_path):
+    text_file = tmp_path / "unique.txt"  # text no other test encodes, so the cache is cold
+    text_file.write_text("A log of its own: encoding shows up once.\n" * 200, encoding="utf-8")
+    logs = []
+    for run in ("first", "second"):
+        stream = io.StringIO()
+        start(_tiny_cfg(0), [str(text_file)], tmp_path / run, callbacks=Reporter(stream=stream))
+        logs.append(stream.getvalue())
+    assert logs[0].count("charlm: encoding the corpus") == 1 and "encoded in" in logs[0]
+    assert "charlm: encoding" not in logs[1] and "from the cache" in logs[1]
+
+
 def test_quiet_prints_nothing(runner, corpus_file, tmp_path):
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "q"),
                               "--max-steps", "10", *TINY])
