@@ -68,7 +68,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 err(f"charlm: continue with: charlm resume {exc.checkpoint}")
             raise typer.Exit(128 + exc.signum) from None
         except KeyboardInterrupt:
-            err("charlm: interrupted")
+            if _rank() == 0:  # Ctrl-C reaches every torchrun process: one of them says so
+                err("charlm: interrupted")
             raise typer.Exit(130) from None
         except BrokenPipeError:
             # `charlm sample | head`: the reader is gone; stop quietly.

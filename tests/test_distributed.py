@@ -198,3 +198,20 @@ def test_bad_input_in_two_processes_is_one_line_and_exit_2(case: str, corpus: Pa
     # torchrun's own report: the failing worker exited 2 (never 1, a bug).
     assert re.search(r"exitcode\s*:\s*2\b", proc.stderr) and not re.search(r"exitcode\s*:\s*1\b", proc.stderr)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before if before else not out.exists()
+
+
+def test_ctrl_c_before_training_is_reported_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    # Ctrl-C while the corpus is encoded reaches every torchrun process: rank 0 alone says so.
+    import typer
+
+    from charlm.cli import handle_errors
+
+    @handle_errors
+    def encoding() -> None:
+        raise KeyboardInterrupt
+
+    for rank, said in (("0", "charlm: interrupted\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit) as exc:
+            encoding()
+        assert exc.value.exit_code == 130 and capsys.readouterr().err == said
