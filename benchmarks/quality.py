@@ -18,9 +18,8 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
-
 from dataclasses import fields
+from pathlib import Path
 
 from charlm.config import RunConfig, apply_overrides
 from charlm.encode import encode_corpus

@@ -8,7 +8,7 @@ Python API (the CLI uses the same functions)::
     for ch in m.stream(length=200, temperature=0.8):
         print(ch, end="", flush=True)
 
-    cfg = charlm.RunConfig()                 # defaults; tweak cfg.model / cfg.train
+    cfg = charlm.RunConfig()                 # defaults; tweak cfg.model / cfg.train / cfg.session
     charlm.fit(cfg, ["corpus.txt"], "runs/mine")
     charlm.resume("runs/mine/latest.pt", {"max_steps": 4000})
 
@@ -21,18 +21,28 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "fit", "resume", "RunConfig", "ModelConfig", "TrainConfig", "CharLMError",
-           "__version__"]
+__all__ = [
+    "CharLMError",
+    "ModelConfig",
+    "RunConfig",
+    "SessionConfig",
+    "TrainConfig",
+    "__version__",
+    "fit",
+    "load",
+    "resume",
+]
 
 _LAZY = {
     "load": ("charlm.api", "load"),
     "CharLM": ("charlm.api", "CharLM"),
     # Not `train`: importing the submodule charlm.train binds that name to the module.
-    "fit": ("charlm.train", "start"),
-    "resume": ("charlm.train", "resume"),
+    "fit": ("charlm.session", "fit"),
+    "resume": ("charlm.session", "resume"),
     "RunConfig": ("charlm.config", "RunConfig"),
     "ModelConfig": ("charlm.config", "ModelConfig"),
     "TrainConfig": ("charlm.config", "TrainConfig"),
+    "SessionConfig": ("charlm.config", "SessionConfig"),
     "CharLMError": ("charlm.errors", "CharLMError"),
 }
 

@@ -6,73 +6,69 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 from charlm import checkpoint as ckpt_io
-from charlm.config import RunConfig
-from charlm.corpus import load_corpus
-from charlm.data import split
+from charlm.data import split, translate
 from charlm.device import resolve_device
+from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError
+from charlm.evaluate import evaluate
 from charlm.model import CharRNN
-from charlm.sample import Sampler
+from charlm.sample import SampleOptions, Sampler
 from charlm.vocab import Vocab
 
 
 class CharLM:
     """A trained model with its vocabulary, ready to sample from or evaluate."""
 
-    def __init__(self, ckpt: dict[str, Any], path: Path, device: str = "cpu") -> None:
+    def __init__(self, ck: ckpt_io.Checkpoint, path: Path, device: str = "cpu") -> None:
         self.path = path
-        self.checkpoint = ckpt
-        self.config = RunConfig.from_dict(ckpt["config"], origin=str(path))
-        self.vocab = Vocab(ckpt["vocab"])
+        self.checkpoint = ck
+        self.config = ck.config
+        self.vocab = Vocab(ck.vocab)
         self.device = resolve_device(device)
         self.model = CharRNN(self.config.model, len(self.vocab))
         try:
-            self.model.load_state_dict(ckpt["model"])
+            self.model.load_state_dict(ck.model)
         except RuntimeError:
             raise CharLMError(f"{path}: weights do not match the checkpoint's own config") from None
         self.model.to(self.device).eval()
         self.sampler = Sampler(self.model, self.vocab, self.device)
 
     def stream(self, **options: Any) -> Iterator[str]:
-        """Yield one sample's characters as they are generated (see `Sampler.generate`)."""
-        return self.sampler.generate(**options)
+        """Yield one sample's characters as they are generated (options: `SampleOptions`)."""
+        return self.sampler.generate(SampleOptions(**options))
 
-    def stream_batch(self, num_samples: int, **options: Any) -> Iterator[list[str]]:
+    def stream_batch(self, opts: SampleOptions) -> Iterator[list[str]]:
         """Yield one character per sample per step, all samples generated as one batch."""
-        return self.sampler.generate_batch(num_samples, **options)
+        return self.sampler.generate_batch(opts)
 
-    def sample(self, num_samples: int = 1, **options: Any) -> str | list[str]:
+    def sample(self, **options: Any) -> str | list[str]:
         """Generated text (prime not included): a string, or a list when num_samples > 1."""
-        parts: list[list[str]] = [[] for _ in range(num_samples)]
-        for chars in self.stream_batch(num_samples, **options):
+        opts = SampleOptions(**options)
+        parts: list[list[str]] = [[] for _ in range(opts.num_samples)]
+        for chars in self.stream_batch(opts):
             for row, ch in enumerate(chars):
                 parts[row].append(ch)
         rows = ["".join(p) for p in parts]
-        return rows[0] if num_samples == 1 else rows
+        return rows[0] if opts.num_samples == 1 else rows
+
+    def run_corpus(self) -> EncodedCorpus:
+        """The corpus the run trained on (checked against the hash and vocabulary it recorded)."""
+        return reopen_corpus(self.checkpoint.corpus, self.path, self.checkpoint.vocab)
 
     def evaluate(self, specs: list[str] | None = None, encoding: str | None = None) -> dict[str, Any]:
         """Bits per character on CORPUS specs, or on the run's own held-out part without them.
 
         Characters outside the vocabulary cannot be scored: they are left out and counted.
         """
-        from charlm.train import evaluate
-
         if specs:
-            text = load_corpus(specs, encoding).text
-            ids = self.vocab.encode(text, unknown="skip")
-            skipped = len(text) - len(ids)
+            corpus = encode_corpus(specs, encoding)
+            ids, skipped = translate(corpus.ids, self.vocab.table_from(corpus.vocab))
             source = list(specs)
             max_chars = None
         else:
-            from charlm.encode import reopen_corpus
-
-            corpus = reopen_corpus(self.checkpoint["corpus"], self.path)
-            if corpus.vocab.chars != self.vocab.chars:
-                raise CharLMError(f"{self.path}: the corpus's vocabulary differs from the checkpoint's")
-            ids = split(corpus.ids, self.config.train.val_fraction).val
-            skipped = 0
+            corpus = self.run_corpus()
+            ids, skipped = split(corpus.ids, self.config.train.val_fraction).val, 0
             source = ["held-out part of " + ", ".join(corpus.desc["specs"])]
             # Scored as training scored it, so the number matches the run's val bpc.
             max_chars = self.config.train.eval_chars
@@ -80,26 +76,26 @@ class CharLM:
             raise CharLMError("nothing to evaluate: fewer than 2 known characters")
         bpc, chars = evaluate(self.model, ids, self.device, max_chars=max_chars)
         return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
-                "checkpoint": str(self.path), "step": int(self.checkpoint["step"])}
+                "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
 
     def info(self) -> dict[str, Any]:
         """What the checkpoint holds: config, sizes, progress and corpus."""
         ck = self.checkpoint
-        corpus = ck.get("corpus", {})
+        p, corpus = ck.progress, ck.corpus
         return {
             "checkpoint": str(self.path),
-            "format_version": ck["version"],
-            "step": int(ck["step"]),
-            "total_steps": ck.get("total_steps"),
-            "chars_seen": ck.get("chars_seen"),
-            "elapsed_s": round(float(ck.get("elapsed", 0.0)), 1),
-            "best_val_bpc": ck.get("best_val_bpc"),
-            "last_val_bpc": ck.get("last_val_bpc"),
+            "format_version": ck.file_version,
+            "step": p.step,
+            "total_steps": ck.plan.total_steps,
+            "chars_seen": p.chars_seen,
+            "elapsed_s": round(p.elapsed, 1),
+            "best_val_bpc": p.best_val_bpc,
+            "last_val_bpc": p.last_val_bpc,
             "vocab_size": len(self.vocab),
             "parameters": self.model.num_parameters(),
-            "device_trained": ck.get("device"),
-            "precision": ck.get("precision"),
-            "processes": int(ck.get("world_size", 1)),
+            "device_trained": ck.trained_on.device,
+            "precision": ck.trained_on.precision,
+            "processes": ck.trained_on.world_size,
             "corpus": {"sources": corpus.get("specs"), "documents": len(corpus.get("documents", [])),
                        "chars": corpus.get("chars"), "sha256": corpus.get("sha256")},
             "config": self.config.to_dict(),
@@ -110,5 +106,3 @@ def load(path: str | Path, device: str = "cpu") -> CharLM:
     """Load a checkpoint safely (`weights_only=True`) as a `CharLM`."""
     path = Path(path)
     return CharLM(ckpt_io.load(path), path, device)
-
-

@@ -7,16 +7,22 @@ commands), so `charlm --help` stays fast.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from charlm import __version__
+from charlm.config import ModelConfig, SessionConfig, TrainConfig
 from charlm.errors import CharLMError, PeerFailed, TrainingInterrupted
+from charlm.events import Callbacks, TrainResult
+from charlm.sample_options import SampleOptions, parse_temperatures
 
 app = typer.Typer(
     name="charlm",
@@ -103,16 +109,55 @@ def _root(
     """Character-level LSTM/GRU/RNN text generator."""
 
 
-class StopFlag:
+def derived_options(*classes: type, skip: tuple[str, ...] = (), unset: bool = True
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per declared field of `classes` (`charlm.options.opt`): its
+    flag, type, help and short alias come from the field, so each option is written once.
+    The command receives them as keyword arguments (`**settings`). With `unset`, an option
+    not given on the command line is None (a --config file or the built-in default decides)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        from charlm.options import declared, flag
+
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        added = []
+        for cls in classes:
+            for f, kind in declared(cls):
+                if f.name in skip:
+                    continue
+                names = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag(f.name)]
+                names += [f.metadata["short"]] if f.metadata["short"] else []
+                shown = unset and f.default not in ("", None)  # else Typer shows it, or there is none
+                text = f.metadata["help"] + (f" [default: {f.default}]" if shown else "")
+                option = typer.Option(*names, help=text, show_default=not unset)
+                added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                               default=None if unset else f.default,
+                                               annotation=Annotated[Optional[kind], option]))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        params = own + added
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+class StopFlag(Callbacks):
     """SIGINT / SIGTERM handlers that only record the signal: training finishes its step,
-    saves, and exits; a second Ctrl-C while saving changes nothing."""
+    saves, and exits; a second Ctrl-C while saving changes nothing. Installed when training
+    starts (before that, Ctrl-C just interrupts: there is nothing to save)."""
 
     def __init__(self, announce: bool = True) -> None:
         self.signum = 0
         self.announce = announce
         self._old: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def on_start(self, info: Any) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
 
@@ -136,77 +181,51 @@ class StopFlag:
 CorpusArg = Annotated[Optional[list[str]], typer.Argument(
     help="Files, folders (their *.txt), globs, or nltk:NAME[/FILEID]. Default: nltk:state_union.",
     show_default=False)]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train (the schedule's length).")]
-TimeOpt = Annotated[Optional[str], typer.Option("--time", help="Time budget: 300, 300s, 5m, 1h30m.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 where it is fast).")]
-EvalOpt = Annotated[Optional[int], typer.Option("--eval-interval", help="Steps between evaluations and checkpoints.")]
-KeepOpt = Annotated[Optional[int], typer.Option("--keep", help="Step-numbered checkpoints to keep (besides latest and best).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
-PreviewLen = Annotated[Optional[int], typer.Option("--preview-length", help="Characters per live sample at each evaluation.")]
 NoPreview = Annotated[bool, typer.Option("--no-preview", help="No live samples at evaluations.")]
-CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Use torch.compile.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")]
+EncodingOpt = Annotated[Optional[str], typer.Option(
+    "--encoding", help="Text encoding of files (default: strict UTF-8).")]
 
 
 @app.command()
 @handle_errors
+@derived_options(ModelConfig, TrainConfig, SessionConfig)
 def train(
     corpus: CorpusArg = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML preset ([model] and [train] tables); flags override it.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="TOML preset ([model], [train], [session] tables); flags override it.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder for checkpoints and metrics.")] = DEFAULT_OUT,
-    max_steps: MaxSteps = None,
-    time: TimeOpt = None,
-    device: DeviceOpt = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same run).")] = None,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of files (default: strict UTF-8).")] = None,
-    cell: Annotated[Optional[str], typer.Option("--cell", help="lstm | gru | rnn")] = None,
-    num_layers: Annotated[Optional[int], typer.Option("--num-layers", help="Recurrent layers.")] = None,
-    hidden_size: Annotated[Optional[int], typer.Option("--hidden-size", help="Units per recurrent layer.")] = None,
-    embedding_size: Annotated[Optional[int], typer.Option("--embedding-size", help="Character embedding size.")] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout between layers and before the head.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Characters per truncated-BPTT window.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Parallel streams per batch.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (AdamW).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear warmup steps before cosine decay.")] = None,
-    eval_interval: EvalOpt = None,
-    eval_chars: Annotated[Optional[int], typer.Option("--eval-chars", help="Held-out characters scored per evaluation, spread over the held-out text (0 = all).")] = None,
-    keep: KeepOpt = None,
-    precision: PrecisionOpt = None,
-    compile: CompileOpt = None,
-    preview_length: PreviewLen = None,
-    no_preview: NoPreview = False,
+    encoding: EncodingOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a run.")] = False,
+    no_preview: NoPreview = False,
     quiet: QuietOpt = False,
+    **settings: Any,
 ) -> None:
     """Train a new model on CORPUS (default: nltk:state_union)."""
     from charlm.config import build_config
-    from charlm.train import start
+    from charlm.session import fit
 
-    flags = dict(max_steps=max_steps, time=time, device=device, seed=seed, cell=cell,
-                 num_layers=num_layers, hidden_size=hidden_size, embedding_size=embedding_size,
-                 dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, warmup_steps=warmup_steps, eval_interval=eval_interval,
-                 eval_chars=eval_chars, keep=keep, precision=precision, compile=compile,
-                 preview_length=0 if no_preview else preview_length)
-    cfg = build_config(config, flags)
-    _with_progress(quiet, lambda callbacks, stop: start(
-        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, should_stop=stop))
+    if no_preview:
+        settings["preview_length"] = 0
+    cfg = build_config(config, settings)
+    _with_progress(quiet, lambda callbacks, stop: fit(
+        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop))
 
 
-def _with_progress(quiet: bool, run: Callable[[Any, StopFlag], Any]) -> None:
+def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult]) -> None:
     """Run a training session with the progress reporter and Ctrl-C/SIGTERM handling, then
     print the summary (and draw the loss plot when matplotlib is installed; it is optional)."""
     import importlib.util
 
-    from charlm.progress import Reporter
+    from charlm.events import Fanout
+    from charlm.report import Reporter
 
     # Under torchrun rank 0 alone shows progress; every rank still stops cleanly on a signal.
     main = _rank() == 0
     reporter, stop = Reporter(quiet=quiet or not main), StopFlag(announce=main)
-    reporter.stop = stop  # installed when training starts: Ctrl-C before that just exits
     try:
-        result = run(reporter, stop)
+        result = run(Fanout(stop, reporter), stop)
     finally:
         stop.restore()
         reporter.close()
@@ -221,30 +240,24 @@ def _with_progress(quiet: bool, run: Callable[[Any, StopFlag], Any]) -> None:
 
 @app.command()
 @handle_errors
+@derived_options(SessionConfig)
 def resume(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to continue (its folder is the run's folder).")],
-    max_steps: MaxSteps = None,
-    time: TimeOpt = None,
-    device: DeviceOpt = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="A preset to check against the run (only budgets may differ).")] = None,
-    eval_interval: EvalOpt = None,
-    keep: KeepOpt = None,
-    precision: PrecisionOpt = None,
-    compile: CompileOpt = None,
-    preview_length: PreviewLen = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="A preset to check against the run (only [session] settings may differ).")] = None,
     no_preview: NoPreview = False,
     quiet: QuietOpt = False,
+    **settings: Any,
 ) -> None:
     """Continue a run exactly where its checkpoint stopped (same schedule, data, RNG)."""
     from charlm.config import load_toml
-    from charlm.train import resume as resume_run
+    from charlm.session import resume as resume_run
 
-    overrides = dict(max_steps=max_steps, time=time, device=device, eval_interval=eval_interval,
-                     keep=keep, precision=precision, compile=compile,
-                     preview_length=0 if no_preview else preview_length)
+    if no_preview:
+        settings["preview_length"] = 0
     config_data = load_toml(config) if config is not None else None
     _with_progress(quiet, lambda callbacks, stop: resume_run(
-        checkpoint, overrides, config_file=config_data, callbacks=callbacks, should_stop=stop))
+        checkpoint, settings, config_file=config_data, callbacks=callbacks, pending_signal=stop))
 
 
 # --- sample -----------------------------------------------------------------------------------
@@ -260,46 +273,39 @@ def default_checkpoint() -> Path:
 
 @app.command()
 @handle_errors
+@derived_options(SampleOptions, skip=("temperature",), unset=False)
 def sample(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint (default: checkpoints/best.pt, else latest.pt).")] = None,
-    temperature: Annotated[str, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy; a comma list gives one sample each.")] = "1.0",
-    length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate (prime excluded).")] = 500,
-    prime: Annotated[str, typer.Option("--prime", help="Text the model reads first and continues.")] = "",
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="Checkpoint (default: checkpoints/best.pt, else latest.pt).")] = None,
+    # Not derived from SampleOptions.temperature: the command takes a comma list.
+    temperature: Annotated[str, typer.Option(
+        "--temperature", "-t", help="Sampling temperature; 0 = greedy; a comma list gives one sample each.")] = "1.0",
     prime_file: Annotated[Optional[Path], typer.Option("--prime-file", help="Read the prime from a file.")] = None,
     echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prime before the continuation.")] = True,
-    unknown: Annotated[str, typer.Option("--unknown", help="Prime characters outside the vocabulary: error | skip.")] = "error",
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample only from the K most likely characters (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: smallest set with probability >= P (1 = off).")] = 1.0,
-    stop: Annotated[str, typer.Option("--stop", help="End a sample when this string is generated.")] = "",
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Same seed, same text.")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Independent samples, generated as one batch.")] = 1,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
+    device: DeviceOpt = "cpu",
+    **options: Any,
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout as it is produced."""
     from charlm.api import load
-    from charlm.sample import SampleOptions, parse_temperatures
 
     temps = parse_temperatures(temperature)
     if prime_file is not None:
         try:
-            prime = prime_file.read_text(encoding="utf-8")
+            options["prime"] = prime_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise CharLMError(f"--prime-file {prime_file}: cannot read: {exc}") from None
-    if num_samples < 1:
-        raise CharLMError(f"--num-samples: must be >= 1, got {num_samples}")
-    opts = SampleOptions(length, temps[0], top_k, top_p, prime, seed, stop, unknown).check()
+    opts = SampleOptions(**options).check()
     model = load(checkpoint or default_checkpoint(), device=device)
-    ids = model.sampler.prime_ids(prime, unknown)
-    if unknown == "skip" and len(ids) < len(prime):
+    ids = model.sampler.prime_ids(opts.prime, opts.unknown)
+    if opts.unknown == "skip" and len(ids) < len(opts.prime):
         err(f"charlm: warning: dropped prime characters not in the vocabulary: "
-            f"{' '.join(repr(c) for c in model.vocab.unknown(prime))}")
+            f"{' '.join(repr(c) for c in model.vocab.unknown(opts.prime))}")
     shown_prime = model.vocab.decode(ids) if echo else ""
     out = sys.stdout
     for t in temps:
         if len(temps) > 1:
             out.write(f"=== temperature {t:g} ===\n")
-        options = dict(opts.__dict__, temperature=t)
-        _write_samples(out, model.stream_batch(num_samples, **options), num_samples, shown_prime)
+        _write_samples(out, model.stream_batch(replace(opts, temperature=t)), opts.num_samples, shown_prime)
     out.flush()
 
 
@@ -329,8 +335,9 @@ def _write_samples(out: Any, steps: Any, n: int, prime: str) -> None:
 @handle_errors
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to evaluate.")],
-    corpus: Annotated[Optional[list[str]], typer.Argument(help="Text to score (default: the run's own held-out part).", show_default=False)] = None,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of files.")] = None,
+    corpus: Annotated[Optional[list[str]], typer.Argument(
+        help="Text to score (default: the run's own held-out part).", show_default=False)] = None,
+    encoding: EncodingOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
 ) -> None:
@@ -363,7 +370,9 @@ def info(
     if as_json:
         print(json.dumps(data))
         return
-    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
     c = data["corpus"]
     rows = [("checkpoint", data["checkpoint"]), ("step", f"{fmt(data['step'])} / {fmt(data['total_steps'])}"),
             ("chars seen", fmt(data["chars_seen"])), ("training time", f"{data['elapsed_s']:.0f} s"),

@@ -1,14 +1,20 @@
-"""Typed run configuration: defaults < TOML --config file < command-line flags.
+"""Typed configuration: what defines a run, and what a session of it may change.
 
-A config file has two tables, `[model]` and `[train]`, whose keys are the flag names with
-underscores (`hidden_size = 512`). Unknown keys and bad values raise `CharLMError` naming
-the key, so the CLI can say exactly which setting is wrong.
+`ModelConfig` (the network) and `TrainConfig` (data layout, optimizer, schedule, seed) define
+a run: they are fixed once it starts, and a resume that would change them is refused.
+`SessionConfig` (budgets, device, precision, compile, evaluation cadence, retention,
+previews) may differ in every session, so `charlm resume` accepts exactly its fields.
+
+Precedence: defaults < TOML `--config` file < command-line flags. A config file has the
+tables `[model]`, `[train]` and `[session]`, keyed by the flag names with underscores
+(`hidden_size = 512`); files written before `[session]` existed kept those keys under
+`[train]`, and still load. Every field declares its help text and its rule (`opt`), so the
+CLI's flags and the validation follow from this file alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -16,142 +22,124 @@ from pathlib import Path
 from typing import Any
 
 from charlm.errors import CharLMError
+from charlm.options import coerce, opt, validate
 
 CELLS = ("lstm", "gru", "rnn")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_MAX_STEPS = 2000  # a run's length when neither --max-steps nor --time is given
+
+
+def _check_duration(text: str) -> None:
+    if text:
+        parse_duration(text)
 
 
 @dataclass
 class ModelConfig:
-    """Shape of the network; `vocab_size` is not here because it always comes from the data."""
+    """Shape of the network; its vocabulary size always comes from the data."""
 
-    cell: str = "lstm"
-    num_layers: int = 2
-    hidden_size: int = 256
-    embedding_size: int = 64
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        _check_choice("cell", self.cell, CELLS)
-        _check_int("num_layers", self.num_layers, 1)
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("embedding_size", self.embedding_size, 1)
-        _check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+    cell: str = opt("lstm", "Recurrent cell: lstm | gru | rnn.", choices=CELLS)
+    num_layers: int = opt(2, "Recurrent layers.", at_least=1)
+    hidden_size: int = opt(256, "Units per recurrent layer.", at_least=1)
+    embedding_size: int = opt(64, "Character embedding size.", at_least=1)
+    dropout: float = opt(0.0, "Dropout between layers and before the head.", at_least=0.0, below=1.0)
 
 
 @dataclass
 class TrainConfig:
-    """How to train: batch layout, optimizer, schedule, budgets and checkpoint cadence."""
+    """How a run learns: batch layout, optimizer, schedule, held-out split and seed.
 
-    # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md): on a CPU, small batches
-    # run as fast per character as big ones and give many more updates in minutes.
-    seq_len: int = 32
-    batch_size: int = 32
-    lr: float = 1e-2
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_steps: int = 0  # 0: no step limit (2000 steps when --time is not given either)
-    time: str = ""  # DURATION; empty means no time budget
-    val_fraction: float = 0.05
-    eval_interval: int = 200
-    # Held-out characters scored per evaluation (0: all). A gigabyte corpus holds out tens of
-    # megabytes, too many to score every few hundred steps; rows are spread over all of it.
-    eval_chars: int = 250_000
-    keep: int = 3
-    seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    preview_length: int = 200
+    The defaults were chosen by benchmarks/quality.py (see benchmarks/RESULTS.md): on a CPU,
+    small batches run as fast per character as big ones and give many more updates in minutes.
+    """
 
-    def validate(self) -> None:
-        _check_int("seq_len", self.seq_len, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_float("lr", self.lr, 0.0, math.inf, lo_open=True)
-        _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_float("weight_decay", self.weight_decay, 0.0, math.inf)
-        _check_float("grad_clip", self.grad_clip, 0.0, math.inf)
-        _check_int("max_steps", self.max_steps, 0)
-        if self.time:
-            parse_duration(self.time)
-        _check_float("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
-        _check_int("eval_interval", self.eval_interval, 1)
-        _check_int("eval_chars", self.eval_chars, 0)
-        _check_int("keep", self.keep, 0)
-        _check_int("seed", self.seed, 0)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_int("preview_length", self.preview_length, 0)
+    seq_len: int = opt(32, "Characters per truncated-BPTT window.", at_least=1)
+    batch_size: int = opt(32, "Parallel streams per batch (per process under torchrun).", at_least=1)
+    lr: float = opt(1e-2, "Peak learning rate (AdamW).", above=0.0)
+    min_lr_ratio: float = opt(0.1, "The cosine schedule decays to lr x this.", at_least=0.0, at_most=1.0)
+    warmup_steps: int = opt(50, "Linear warmup steps before the cosine decay.", at_least=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).", at_least=0.0)
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this.", at_least=0.0)
+    val_fraction: float = opt(0.05, "Fraction of the corpus (its end) held out for validation.",
+                              above=0.0, at_most=0.5)
+    # A gigabyte corpus holds out tens of megabytes, too many to score every few hundred
+    # steps; rows are spread over all of it.
+    eval_chars: int = opt(250_000, "Held-out characters scored per evaluation, spread over the "
+                          "held-out text (0 = all).", at_least=0)
+    seed: int = opt(1337, "Random seed (same seed, same run).", at_least=0)
+
+
+@dataclass
+class SessionConfig:
+    """What one training session may set, at the start of a run or on any resume."""
+
+    max_steps: int = opt(0, "Optimizer steps to train: the schedule's length (0: none set; "
+                         f"{DEFAULT_MAX_STEPS} when --time is not given either).", at_least=0)
+    time: str = opt("", "Time budget: 300, 300s, 5m, 1h30m (empty: none).", check=_check_duration)
+    device: str = opt("auto", "auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).", choices=DEVICES)
+    precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where it is fast).",
+                         choices=PRECISIONS)
+    compile: bool = opt(False, "Use torch.compile.")
+    eval_interval: int = opt(200, "Steps between evaluations and checkpoints.", at_least=1)
+    keep: int = opt(3, "Step-numbered checkpoints to keep (besides latest and best).", at_least=0)
+    preview_length: int = opt(200, "Characters per live sample at each evaluation (0: none).", at_least=0)
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "session": SessionConfig}
+SESSION_KEYS = frozenset(f.name for f in fields(SessionConfig))
 
 
 @dataclass
 class RunConfig:
-    """Everything a training run was started with; saved as `config.toml` and in checkpoints."""
+    """A run's settings: saved as `config.toml` in its folder and in its checkpoints."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
 
-    def validate(self) -> "RunConfig":
-        self.model.validate()
-        self.train.validate()
+    def validate(self) -> RunConfig:
+        validate(self.model, self.train, self.session)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def defining(self) -> dict[str, dict[str, Any]]:
+        """The settings that define the run (model and train): a resume must keep them."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "train")}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], origin: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], origin: str = "config") -> RunConfig:
         cfg = cls()
         apply_overrides(cfg, data, origin)
         return cfg
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise CharLMError(f"{_flag(name)}: {value!r} is not one of {', '.join(choices)}")
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise CharLMError(f"{_flag(name)}: must be an integer >= {lo}, got {value!r}")
-
-
-def _check_float(
-    name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lo_s = f"{'(' if lo_open else '['}{lo:g}"
-        hi_s = f"{hi:g}{')' if hi_open else ']'}"
-        raise CharLMError(f"{_flag(name)}: must be a number in {lo_s}, {hi_s}, got {value!r}")
+def sectioned(data: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    """`data` as {section: {key: value}}, with session keys found under the older `[train]`
+    placement moved to `[session]`; unknown sections and keys raise, naming them."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise CharLMError(f"{origin}: unknown section [{section}] (expected [model], [train] or [session])")
+        known = {f.name for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if section == "train" and key in SESSION_KEYS:
+                out["session"][key] = value  # written before [session] existed
+            elif key in known:
+                out[section][key] = value
+            else:
+                raise CharLMError(f"{origin}: unknown key {section}.{key}")
+    return out
 
 
 def apply_overrides(cfg: RunConfig, data: dict[str, Any], origin: str) -> None:
-    """Set `[model]` / `[train]` values from a nested dict, rejecting unknown keys by name."""
-    sections = {"model": cfg.model, "train": cfg.train}
-    for section, values in data.items():
-        target = sections.get(section)
-        if target is None or not isinstance(values, dict):
-            raise CharLMError(f"{origin}: unknown section [{section}] (expected [model] or [train])")
-        known = {f.name: f for f in fields(target)}
+    """Set values from a nested dict ({section: {key: value}}), rejecting unknown keys."""
+    for section, values in sectioned(data, origin).items():
+        target = getattr(cfg, section)
         for key, value in values.items():
-            f = known.get(key)
-            if f is None:
-                raise CharLMError(f"{origin}: unknown key {section}.{key}")
-            # TOML writes 3 for 3.0; accept ints where floats are expected.
-            if f.type in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            setattr(target, key, value)
+            setattr(target, key, coerce(SECTIONS[section], key, value))
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -167,16 +155,23 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise CharLMError(f"--config: {path}: {exc.strerror}") from None
 
 
+def section_of(key: str) -> str:
+    """The section a flag's field belongs to (field names are unique across sections)."""
+    for name, cls in SECTIONS.items():
+        if any(f.name == key for f in fields(cls)):
+            return name
+    raise CharLMError(f"{key}: not a setting")
+
+
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     """Resolve defaults < config file < flags (`None` flags are unset) and validate."""
     cfg = RunConfig()
     if config_file is not None:
         apply_overrides(cfg, load_toml(config_file), str(config_file))
-    model_keys = {f.name for f in fields(ModelConfig)}
-    nested: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in flags.items():
         if value is not None:
-            nested["model" if key in model_keys else "train"][key] = value
+            nested[section_of(key)][key] = value
     apply_overrides(cfg, nested, "command line")
     return cfg.validate()
 
@@ -186,8 +181,7 @@ def to_toml(cfg: RunConfig) -> str:
     lines: list[str] = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
 
@@ -207,9 +201,9 @@ def parse_duration(text: str) -> float:
     """Seconds in a DURATION: `300`, `300s`, `5m`, `1h30m`, `1.5h`."""
     m = _DURATION.match(text.strip().lower())
     if not text.strip() or m is None or not any(m.groups()):
-        raise CharLMError(f"--time: {text!r} is not a duration (examples: 300, 300s, 5m, 1h30m)")
+        raise CharLMError(f"{text!r} is not a duration (examples: 300, 300s, 5m, 1h30m)")
     h, mnt, s = (float(g) if g else 0.0 for g in m.groups())
     seconds = h * 3600 + mnt * 60 + s
     if seconds <= 0:
-        raise CharLMError(f"--time: {text!r} must be longer than zero")
+        raise CharLMError(f"{text!r} must be longer than zero")
     return seconds

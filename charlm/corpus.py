@@ -1,8 +1,8 @@
 """Text sources: files, directories, globs and `nltk:NAME[/FILEID]`.
 
 Every source is resolved to a list of documents first (so bad input is found before any
-text is read or any file written), then read in chunks (`iter_text`); the documents of a
-corpus are joined with `DOC_SEPARATOR`.
+text is read or any file written), then read in chunks (`iter_text`); `charlm.encode` joins
+the documents of a corpus with `DOC_SEPARATOR` as it turns them into ids.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
-import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -36,30 +35,6 @@ class Document:
     nltk_fileid: str | None = None
 
 
-@dataclass
-class Corpus:
-    """The concatenated text and a description of where it came from."""
-
-    text: str
-    specs: list[str]  # what the user typed
-    documents: list[str]  # every document read, in order
-    sha256: str
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "specs": list(self.specs),
-            "documents": list(self.documents),
-            "sha256": self.sha256,
-            "chars": len(self.text),
-        }
-
-
-def load_corpus(specs: list[str] | None, encoding: str | None = None) -> Corpus:
-    """Resolve and read CORPUS arguments (none means `nltk:state_union`)."""
-    specs, docs = resolve_all(specs)
-    return read_documents(docs, specs, encoding)
-
-
 def check_encoding(encoding: str | None) -> None:
     """Refuse an `--encoding` Python does not know, before anything is read."""
     if encoding is not None:
@@ -67,19 +42,6 @@ def check_encoding(encoding: str | None) -> None:
             codecs.lookup(encoding)
         except LookupError:
             raise CharLMError(f"--encoding: unknown encoding {encoding!r}") from None
-
-
-def read_documents(docs: list[Document], specs: list[str], encoding: str | None) -> Corpus:
-    """Read resolved documents into one string; raises `CharLMError` for unreadable ones.
-
-    For text that fits in memory (evaluation files, tests); training streams the documents
-    through `charlm.encode` instead and never holds the whole text.
-    """
-    check_encoding(encoding)
-    parts = ["".join(iter_text(doc, encoding)) for doc in docs]
-    text = DOC_SEPARATOR.join(parts)
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    return Corpus(text, specs, [d.source for d in docs], digest)
 
 
 def resolve_all(specs: list[str] | None) -> tuple[list[str], list[Document]]:
@@ -174,7 +136,7 @@ def _nltk_reader(name: str):  # -> nltk CorpusReader
     """The corpus reader NLTK itself defines for `name` (it knows the corpus's encoding),
     downloading the corpus with NLTK's downloader when it is missing."""
     try:
-        import nltk  # noqa: F401  (slow import, only when an nltk: source is used)
+        import nltk
         import nltk.corpus
         from nltk.corpus.reader import PlaintextCorpusReader
     except ImportError:
@@ -230,11 +192,10 @@ def _download(name: str) -> None:
         return
     # The downloader prints progress and errors on stdout; keep both streams clean (a
     # failure is reported by the caller in one line that says how to get the corpus).
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            nltk.download(name, quiet=True, raise_on_error=False, print_error_to=io.StringIO())
-        except Exception:  # noqa: BLE001 - any network failure means "could not download"
-            pass
+    # Any network failure means "could not download".
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.suppress(Exception):
+        nltk.download(name, quiet=True, raise_on_error=False, print_error_to=io.StringIO())
 
 
 def _resolve_nltk(spec: str) -> list[Document]:

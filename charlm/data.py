@@ -19,7 +19,6 @@ import torch
 
 from charlm.errors import CharLMError
 
-
 Ids = Union[np.ndarray, torch.Tensor]  # a memory-mapped corpus, or any 1-D id tensor
 
 
@@ -101,20 +100,15 @@ class StreamBatcher:
         self.epoch = int(state["epoch"])
 
 
-def eval_streams(ids: Ids, max_streams: int = 16, min_len: int = 512,
-                 max_chars: int | None = None) -> torch.Tensor:
-    """Held-out text as (S, L) int64 rows, evaluated in parallel with carried state.
-
-    Every character after the first of each row is scored; rows are long (>= `min_len`
-    where the text allows) so little is lost to the cold start of each row. With
-    `max_chars` (a large corpus), S rows of max_chars / S characters are spread evenly over
-    the held-out text instead of covering all of it.
-    """
+def translate(ids: Ids, table: np.ndarray, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
+    """`ids` mapped through `table` (old id -> new id, -1 for none), a chunk at a time, with
+    the unmapped ones dropped: the ids and how many were dropped."""
     ids = as_array(ids)
-    n = len(ids)
-    budget = n if not max_chars or max_chars >= n else max(2, max_chars)
-    streams = max(1, min(max_streams, budget // min_len))
-    length = budget // streams
-    stride = n // streams  # == length when the whole text is scored
-    index = np.arange(streams, dtype=np.int64)[:, None] * stride + np.arange(length)
-    return torch.from_numpy(ids[index].astype(np.int64))
+    known = table[table >= 0]
+    dtype = np.min_scalar_type(int(known.max()) if len(known) else 0)
+    parts = []
+    for start in range(0, len(ids), chunk):
+        mapped = table[ids[start:start + chunk]]
+        parts.append(mapped[mapped >= 0].astype(dtype))
+    out = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    return out, len(ids) - len(out)

@@ -22,14 +22,6 @@ from charlm.errors import CharLMError, PeerFailed
 T = TypeVar("T")
 
 
-def env_rank() -> int:
-    """This process's rank as torchrun set it (0 when not launched by torchrun)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 @dataclass
 class Dist:
     """Where this process stands in a torchrun launch (rank 0 of 1 when it is alone)."""
@@ -52,7 +44,7 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def agree(self, values: list[int]) -> list[int]:
+    def all_max(self, values: list[int]) -> list[int]:
         """Element-wise maximum over all ranks (every rank gets the same list back)."""
         if not self.enabled:
             return values
@@ -76,7 +68,7 @@ class Dist:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def checked(self, fn: Callable[[], T]) -> T:
+    def all_or_none(self, fn: Callable[[], T]) -> T:
         """Run `fn` on every rank; when it raises `CharLMError` on any of them, every rank
         raises: the lowest failing rank its own error, the others `PeerFailed`.
 
@@ -105,12 +97,12 @@ class Dist:
     def local_first(self, fn: Callable[[], T]) -> T:
         """Run `fn` on each machine's local rank 0 first, then on the other ranks (building a
         cache once per machine, which the others then read). A `CharLMError` on any rank
-        stops every rank (`checked`)."""
+        stops every rank (`all_or_none`)."""
         if not self.enabled:
             return fn()
         first = self.local_rank == 0
-        mine = self.checked(fn if first else _nothing)
-        others = self.checked(_nothing if first else fn)
+        mine = self.all_or_none(fn if first else _nothing)
+        others = self.all_or_none(_nothing if first else fn)
         return mine if first else others  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -123,10 +115,15 @@ def _nothing() -> None:
     return None
 
 
+def world_size() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def from_env(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the torchrun process group (NCCL for CUDA, gloo on the CPU) when there is one;
     returns it and the device this rank trains on (its own GPU under CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size()
     if world <= 1:
         return Dist(), device
     rank = int(os.environ["RANK"])
@@ -138,8 +135,7 @@ def from_env(device: torch.device) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # device_id binds NCCL to this rank's GPU up front (no guessing in barrier()).
-        extra = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **extra)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         owns = True
     coll = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return Dist(rank, world, local, owns, coll), device

@@ -27,8 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from charlm import checkpoint as ckpt_io
-from charlm.corpus import (DOC_SEPARATOR, Document, check_encoding, iter_bytes, iter_text,
-                           resolve, resolve_all, size_of)
+from charlm.corpus import DOC_SEPARATOR, Document, check_encoding, iter_bytes, iter_text, resolve, resolve_all, size_of
 from charlm.errors import CharLMError
 from charlm.vocab import Vocab
 
@@ -54,6 +53,7 @@ class EncodedCorpus:
     path: Path  # the cache file behind `ids`
     encoded: bool  # False when the cache already held it
     seconds: float  # time spent hashing (and encoding, when it was not cached)
+    sources_gone: bool = False  # reopened from the cache alone: the files are no longer there
 
 
 def default_cache_dir() -> Path:
@@ -81,12 +81,25 @@ def encode_corpus(specs: list[str] | None, encoding: str | None = None, *,
     return _encode(docs, specs, encoding, progress or _no_progress, cache_dir, expect=None)
 
 
-def reopen_corpus(desc: dict[str, Any], checkpoint: Path, *, progress: Progress | None = None,
-                  cache_dir: Path | None = None) -> EncodedCorpus:
-    """The corpus a run trained on, checked against the hash its checkpoint recorded."""
-    docs = [doc for source in desc["documents"] for doc in resolve(source)]
-    return _encode(docs, list(desc["specs"]), desc.get("encoding") or None,
-                   progress or _no_progress, cache_dir, expect=(desc["sha256"], checkpoint))
+def reopen_corpus(desc: dict[str, Any], checkpoint: Path, vocab: str, *,
+                  progress: Progress | None = None, cache_dir: Path | None = None) -> EncodedCorpus:
+    """The corpus a run trained on (`desc`, as its checkpoint recorded it), checked against the
+    recorded hash and vocabulary `vocab`. When its files are gone but the cache still holds
+    their ids under that hash, those are used (evaluation and resume need only the ids)."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        docs = [doc for source in desc["documents"] for doc in resolve(source)]
+    except CharLMError:
+        corpus = _open(folder, desc["sha256"], desc, encoded=False, seconds=0.0)
+        if corpus is None:
+            raise
+        corpus.sources_gone = True
+    else:
+        corpus = _encode(docs, list(desc["specs"]), desc.get("encoding") or None,
+                         progress or _no_progress, folder, expect=(desc["sha256"], checkpoint))
+    if corpus.vocab.chars != vocab:
+        raise CharLMError(f"{checkpoint}: the corpus's vocabulary differs from the checkpoint's")
+    return corpus
 
 
 def source_key(docs: list[Document], encoding: str | None, progress: Progress = _no_progress) -> str:
@@ -114,16 +127,24 @@ def _encode(docs: list[Document], specs: list[str], encoding: str | None, progre
             f"({', '.join(specs)}); resume needs the same text"
         )
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path, meta_path = folder / f"{key}.ids", folder / f"{key}.json"
-    meta = _read_meta(meta_path, path)
-    encoded = meta is None
+    desc = {"specs": specs, "documents": [d.source for d in docs], "sha256": key, "encoding": encoding or ""}
+    corpus = _open(folder, key, desc, encoded=False, seconds=time.perf_counter() - t0)
+    if corpus is None:
+        _build(docs, encoding, folder, folder / f"{key}.ids", folder / f"{key}.json", progress)
+        corpus = _open(folder, key, desc, encoded=True, seconds=time.perf_counter() - t0)
+        assert corpus is not None
+    return corpus
+
+
+def _open(folder: Path, key: str, desc: dict[str, Any], encoded: bool, seconds: float) -> EncodedCorpus | None:
+    """The cache entry `key` as an `EncodedCorpus` described by `desc`; None when it is missing,
+    foreign or incomplete."""
+    path = folder / f"{key}.ids"
+    meta = _read_meta(folder / f"{key}.json", path)
     if meta is None:
-        meta = _build(docs, encoding, folder, path, meta_path, progress)
-    dtype = np.dtype(meta["dtype"])
-    ids = np.memmap(path, dtype=dtype, mode="r", shape=(meta["chars"],))
-    desc = {"specs": specs, "documents": [d.source for d in docs], "sha256": key,
-            "chars": meta["chars"], "encoding": encoding or ""}
-    return EncodedCorpus(ids, Vocab(meta["vocab"]), desc, path, encoded, time.perf_counter() - t0)
+        return None
+    ids = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["chars"],))
+    return EncodedCorpus(ids, Vocab(meta["vocab"]), {**desc, "chars": meta["chars"]}, path, encoded, seconds)
 
 
 def _read_meta(meta_path: Path, path: Path) -> dict[str, Any] | None:

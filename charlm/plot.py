@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from charlm.errors import CharLMError
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise CharLMError(f"{run_dir}: no metrics.jsonl (is it a charlm run folder?)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    if not rows:
-        raise CharLMError(f"{path}: holds no evaluations yet")
-    return rows
+from charlm.rundir import PLOT, RunDir
 
 
 def plot_run(run_dir: Path) -> Path:
     """Write `run_dir/loss.png` and return its path."""
-    rows = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    rows = run.read_metrics()
     try:
         import matplotlib
 
@@ -44,11 +30,11 @@ def plot_run(run_dir: Path) -> Path:
     lr_ax.plot(chars, [r["lr"] for r in rows], label="learning rate", color="tab:gray", ls="--", lw=1)
     lr_ax.set_ylabel("learning rate")
     lines = ax.get_lines() + lr_ax.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper right")
     best = min(r["val_bpc"] for r in rows)
     ax.set_title(f"{Path(run_dir).resolve().name}: best val {best:.3f} bpc")
     fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
+    out = run / PLOT
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -17,63 +17,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from charlm.errors import CharLMError
 from charlm.model import CharRNN, State
+from charlm.sample_options import SampleOptions
 from charlm.vocab import Vocab
 
 _NOISE_FLOATS = 1 << 20  # Gumbel noise drawn at a time: (steps, N, V) with steps*N*V about this
 _MAX_BLOCK = 256  # ... and at most this many steps per block
-
-
-@dataclass
-class SampleOptions:
-    """Sampling controls; `check()` raises `CharLMError` naming a bad flag."""
-
-    length: int = 500
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    prime: str = ""
-    seed: int | None = None
-    stop: str = ""
-    unknown: str = "error"  # or "skip"
-
-    def check(self) -> "SampleOptions":
-        check_temperature(self.temperature)
-        if self.length < 0:
-            raise CharLMError(f"--length: must be >= 0, got {self.length}")
-        if self.top_k < 0:
-            raise CharLMError(f"--top-k: must be >= 0 (0 = off), got {self.top_k}")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            raise CharLMError(f"--top-p: must be in (0, 1], got {self.top_p}")
-        if self.unknown not in ("error", "skip"):
-            raise CharLMError(f"--unknown: must be error or skip, got {self.unknown!r}")
-        if self.seed is not None and self.seed < 0:
-            raise CharLMError(f"--seed: must be >= 0, got {self.seed}")
-        return self
-
-
-def check_temperature(t: float) -> float:
-    if not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
-        raise CharLMError(f"--temperature: must be a finite number >= 0 (0 = greedy), got {t}")
-    return float(t)
-
-
-def parse_temperatures(text: str) -> list[float]:
-    """`0.5` or a comma list `0.2,0.5,1.0` (one sample per temperature)."""
-    temps = []
-    for part in text.split(","):
-        try:
-            value = float(part.strip())
-        except ValueError:
-            raise CharLMError(f"--temperature: {part.strip()!r} is not a number") from None
-        temps.append(check_temperature(value))
-    return temps
 
 
 class Sampler:
@@ -93,24 +48,20 @@ class Sampler:
                               "(use --unknown skip to drop them)")
         return self.vocab.encode(prime, unknown="skip")
 
-    def generate(self, **options) -> Iterator[str]:
+    def generate(self, opts: SampleOptions) -> Iterator[str]:
         """Yield the characters of one sample as they are generated (prime not included)."""
-        for chars in self.generate_batch(1, **options):
+        for chars in self.generate_batch(replace(opts, num_samples=1)):
             if chars[0]:
                 yield chars[0]
 
     @torch.inference_mode()
-    def generate_batch(self, num_samples: int, length: int = 500, temperature: float = 1.0,
-                       top_k: int = 0, top_p: float = 1.0, prime: str = "", seed: int | None = None,
-                       stop: str = "", unknown: str = "error") -> Iterator[list[str]]:
-        """Yield, per step, one new character for each of `num_samples` rows generated as one
-        batch ("" for a row that has already produced `stop`)."""
-        opts = SampleOptions(length, temperature, top_k, top_p, prime, seed, stop, unknown).check()
-        if num_samples < 1:
-            raise CharLMError(f"--num-samples: must be >= 1, got {num_samples}")
-        if length == 0:
+    def generate_batch(self, opts: SampleOptions) -> Iterator[list[str]]:
+        """Yield, per step, one new character for each of `opts.num_samples` rows generated as
+        one batch ("" for a row that has already produced `opts.stop`)."""
+        opts.check()
+        if opts.length == 0:
             return
-        n, model, vocab = num_samples, self.model, self.vocab
+        n, model, vocab = opts.num_samples, self.model, self.vocab
         was_training = model.training
         model.eval()  # dropout off while reading the prime
         try:
@@ -127,7 +78,7 @@ class Sampler:
             chars, stop_s = vocab.chars, opts.stop
             done = [False] * n
             tails = [""] * n
-            for i in range(length):
+            for i in range(opts.length):
                 stepper.step(cur)
                 pick(i, cur)  # writes the next ids into `cur`
                 picked = cur.tolist()  # the one host sync of the step
@@ -158,6 +109,7 @@ def _read(model: CharRNN, ids: list[int], device: torch.device, chunk: int = 409
     state = None
     for start in range(0, x.shape[1], chunk):
         _, state = model.rnn(model.embed(x[:, start:start + chunk]), state)
+    assert state is not None  # `ids` is never empty
     return state
 
 
@@ -187,8 +139,8 @@ class _Stepper:
         # LSTM rows (i, f, g, o) -> (i, f, o, g); others keep their order.
         perm = (torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
                            torch.arange(2 * H, 3 * H)]).to(device) if self.cell == "lstm" else None)
-        order = (lambda t: t.index_select(0, perm)) if perm is not None else (lambda t: t)  # noqa: E731
-        self.table = None  # (V, G*H)
+        order = (lambda t: t.index_select(0, perm)) if perm is not None else (lambda t: t)
+        self.table = torch.empty(0)  # (V, G*H), set for layer 0 below
         self.w: list[torch.Tensor] = []  # per layer, transposed for addmm: (K, G*H)
         self.b: list[torch.Tensor] = []
         self.w_hh: list[torch.Tensor] = []  # GRU keeps input and hidden parts apart
@@ -223,7 +175,8 @@ class _Stepper:
 
         self.hs = torch.zeros(n, L * H, dtype=dtype, device=device)  # [h_0 | h_1 | ...]
         self.h = [self.hs[:, l * H:(l + 1) * H] for l in range(L)]  # views, (N, H)
-        self.inp = [None] + [self.hs[:, (l - 1) * H:(l + 1) * H] for l in range(1, L)]  # [h_{l-1}|h_l]
+        # [h_{l-1} | h_l] for layers above 0 (layer 0 reads its input from `table`)
+        self.inp = [self.hs[:, :0]] + [self.hs[:, (l - 1) * H:(l + 1) * H] for l in range(1, L)]
         self.top = self.h[-1]
         self.gates = torch.empty(L, n, G * H, dtype=dtype, device=device)
         g = self.gates

@@ -1,13 +1,15 @@
-"""Character vocabulary: sorted Unicode code points, built from the corpus in one pass.
+"""Character vocabulary: sorted Unicode code points, the id order of every model.
 
-Encoding goes through UTF-32 code points and `torch.unique` / `torch.searchsorted`, so a
-corpus of millions of characters is encoded without a per-character Python loop.
+Corpora are encoded by `charlm.encode` (streaming, into the memory-mapped cache); this class
+maps prime text and evaluation text through UTF-32 code points and `torch.searchsorted`,
+without a per-character Python loop.
 """
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from charlm.errors import CharLMError
@@ -31,16 +33,6 @@ class Vocab:
     def __contains__(self, ch: str) -> bool:
         return ch in self._index
 
-    @classmethod
-    def build(cls, text: str) -> tuple["Vocab", torch.Tensor]:
-        """Vocabulary of `text` and `text` encoded with it, in one pass."""
-        if not text:
-            raise CharLMError("corpus is empty")
-        codes = _codepoints(text)
-        uniq, ids = torch.unique(codes, sorted=True, return_inverse=True)
-        vocab = cls("".join(map(chr, uniq.tolist())))
-        return vocab, ids.to(id_dtype(len(vocab)))
-
     def unknown(self, text: str) -> list[str]:
         """Characters of `text` that are not in the vocabulary, sorted, each once."""
         return sorted(set(text) - self._index.keys())
@@ -60,20 +52,15 @@ class Vocab:
             pos = pos[known]
         return pos
 
+    def table_from(self, other: Vocab) -> np.ndarray:
+        """For each id of `other`, the id of the same character here (-1 where there is none)."""
+        return np.array([self._index.get(c, -1) for c in other.chars], dtype=np.int64)
+
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         chars = self.chars
         return "".join(chars[i] for i in ids)
-
-
-def id_dtype(vocab_size: int) -> torch.dtype:
-    """Smallest integer dtype that holds every id (uint8 for the usual < 256 characters)."""
-    if vocab_size <= 256:
-        return torch.uint8
-    if vocab_size <= 32768:
-        return torch.int16
-    return torch.int32
 
 
 def _codepoints(text: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small text corpus, tiny model flags, and a CLI runner.
+"""Shared fixtures: a small text corpus, the one tiny model (as flags and as a config), one
+trained run, and a CLI runner.
 
 Everything runs on the CPU in seconds and never touches the network.
 """
@@ -7,12 +8,20 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from typer.testing import CliRunner
+
+from charlm.cli import app
+from charlm.config import RunConfig, build_config
+from charlm.encode import encode_corpus
+from charlm.options import flag
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -20,9 +29,32 @@ ROOT = Path(__file__).resolve().parents[1]
 # The real NLTK State of the Union corpus on the development machines (absent in a user's clone).
 SHARED_NLTK = ROOT.parent / "shared" / "data" / "nltk_data"
 
-# A tiny but learnable model: trains a few hundred steps per second on 2 CPU cores.
-TINY = ["--hidden-size", "32", "--num-layers", "1", "--embedding-size", "16", "--seq-len", "16",
-        "--batch-size", "4", "--eval-interval", "10", "--no-preview", "--quiet"]
+# The tiny but learnable model every test trains: a few hundred steps per second on 2 cores.
+TINY_SETTINGS: dict[str, Any] = dict(hidden_size=32, num_layers=1, embedding_size=16, seq_len=16,
+                                     batch_size=4, eval_interval=10)
+
+
+def tiny_flags(**settings: Any) -> list[str]:
+    """... as command-line flags; `settings` override or add any setting."""
+    return [arg for key, value in {**TINY_SETTINGS, **settings}.items() for arg in (flag(key), str(value))]
+
+
+TINY = [*tiny_flags(), "--no-preview", "--quiet"]  # quiet, no previews
+CHARS_PER_STEP = TINY_SETTINGS["batch_size"] * TINY_SETTINGS["seq_len"]
+RUN_STEPS = 30  # the shared run: evaluations at steps 10, 20 and 30
+
+
+def read_corpus(specs: list[str] | None, encoding: str | None = None) -> SimpleNamespace:
+    """A corpus read the one way charlm reads corpora (encoded into the cache), with its
+    text decoded again: .text, .specs, .documents, .sha256."""
+    enc = encode_corpus(specs, encoding)
+    return SimpleNamespace(text=enc.vocab.decode(enc.ids.tolist()), specs=enc.desc["specs"],
+                           documents=enc.desc["documents"], sha256=enc.desc["sha256"])
+
+
+def tiny_config(**settings: Any) -> RunConfig:
+    """... and as a config (no previews, on the CPU); `settings` override any field."""
+    return build_config(None, {**TINY_SETTINGS, "preview_length": 0, "device": "cpu", **settings})
 
 TEXT = (
     "Mr. Speaker, Mr. President, Members of the Congress, my fellow Americans:\n"
@@ -94,3 +126,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, CHARLM_NO_DOWNLOAD="1", PYTHONUNBUFFERED="1", **ONE_THREAD)
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, _one_thread, _corpus_cache) -> Path:
+    """One tiny run of RUN_STEPS steps (TINY flags) on TEXT, shared by every test that only
+    reads it; a test that changes it works on `run_copy`."""
+    base = tmp_path_factory.mktemp("shared-run")
+    corpus = base / "speech.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    rng = torch.get_rng_state()
+    res = CliRunner().invoke(app, ["train", str(corpus), "--out", str(base / "run"), "--max-steps", str(RUN_STEPS),
+                                   *TINY])
+    torch.set_rng_state(rng)
+    assert res.exit_code == 0, res.output
+    return base / "run"
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared run, for tests that change it."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))

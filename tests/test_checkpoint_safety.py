@@ -20,35 +20,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RUN_STEPS, TINY, charlm_cmd, subprocess_env, tiny_config
 
-from charlm import checkpoint, train
+from charlm import checkpoint, rundir, session
 from charlm.cli import app
-from charlm.config import ModelConfig, RunConfig, TrainConfig
 from charlm.errors import CharLMError
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
+from charlm.rundir import RunDir
 
 
-
-def tiny_config(max_steps: int = 20, eval_interval: int = 10) -> RunConfig:
-    return RunConfig(ModelConfig(num_layers=1, hidden_size=32, embedding_size=16),
-                     TrainConfig(seq_len=16, batch_size=4, max_steps=max_steps, eval_interval=eval_interval,
-                                 preview_length=0, device="cpu"))
+def raw(path: Path) -> dict:
+    """A checkpoint file's plain dict, as torch.load(weights_only=True) gives it."""
+    return torch.load(path, weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
-    """A finished 20-step run (latest, best, step files); tests copy it, never change it."""
-    root = tmp_path_factory.mktemp("base")
-    corpus = root / "speech.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    torch.set_num_threads(1)
-    try:
-        train.start(tiny_config(), [str(corpus)], root / "run")
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_rng_state(rng)
-    return root / "run"
+def step_of(path: Path) -> int:
+    return checkpoint.load(path).progress.step
 
 
 def copy_run(base: Path, dest: Path) -> Path:
@@ -95,15 +81,15 @@ PAYLOADS = {"pickle-open": OpenPayload, "pickle-touch": TouchPayload, "pickle-sy
 def make_bad(kind: str, folder: Path, good: Path, marker: Path) -> Path:
     folder.mkdir()
     path = folder / "latest.pt"
-    raw = good.read_bytes()
+    data = good.read_bytes()
     if kind == "pickle-open":  # a bare payload
         torch.save({"weights": torch.ones(2), "x": OpenPayload(marker)}, path)
     elif kind in PAYLOADS:  # a real charlm checkpoint carrying a payload
-        ck = checkpoint.load(good)
+        ck = raw(good)
         ck["extra"] = PAYLOADS[kind](marker)
         torch.save(ck, path)
     elif kind == "truncated":
-        path.write_bytes(raw[: len(raw) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif kind == "random":
         path.write_bytes(random.Random(5).randbytes(4096))
     elif kind == "empty":
@@ -111,7 +97,7 @@ def make_bad(kind: str, folder: Path, good: Path, marker: Path) -> Path:
     elif kind == "foreign":  # somebody else's PyTorch file
         torch.save(torch.nn.Linear(4, 3).state_dict(), path)
     elif kind in ("newer", "version0"):
-        ck = checkpoint.load(good)
+        ck = raw(good)
         ck["version"] = checkpoint.VERSION + 1 if kind == "newer" else 0
         torch.save(ck, path)
     else:
@@ -134,19 +120,19 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("kind", list(PAYLOADS))
-def test_payloads_are_real(kind, base_run, tmp_path):
+def test_payloads_are_real(kind, trained_run, tmp_path):
     """Control: each payload does create its file when unpickled the unsafe way."""
     marker = tmp_path / "pwned"
-    path = make_bad(kind, tmp_path / "bad", base_run / "latest.pt", marker)
+    path = make_bad(kind, tmp_path / "bad", trained_run / "latest.pt", marker)
     torch.load(path, weights_only=False)
     assert marker.exists()
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("kind", list(EXPECTED))
-def test_bad_checkpoint_is_refused_with_one_line_and_left_alone(runner, base_run, tmp_path, kind, command):
+def test_bad_checkpoint_is_refused_with_one_line_and_left_alone(runner, trained_run, tmp_path, kind, command):
     marker = tmp_path / "pwned"
-    path = make_bad(kind, tmp_path / "bad", base_run / "latest.pt", marker)
+    path = make_bad(kind, tmp_path / "bad", trained_run / "latest.pt", marker)
     before = snapshot(path.parent)
     res = runner.invoke(app, COMMANDS[command](path))
     assert res.exit_code == 2, res.output
@@ -161,9 +147,9 @@ def test_bad_checkpoint_is_refused_with_one_line_and_left_alone(runner, base_run
     assert snapshot(path.parent) == before  # not modified, not deleted, nothing added
 
 
-def test_installed_command_refuses_a_pickle_payload(base_run, tmp_path):
+def test_installed_command_refuses_a_pickle_payload(trained_run, tmp_path):
     marker = tmp_path / "pwned"
-    path = make_bad("pickle-system", tmp_path / "bad", base_run / "latest.pt", marker)
+    path = make_bad("pickle-system", tmp_path / "bad", trained_run / "latest.pt", marker)
     proc = subprocess.run([*charlm_cmd(), "info", str(path)], capture_output=True, text=True,
                           env=subprocess_env(), timeout=120)
     assert proc.returncode == 2
@@ -174,8 +160,8 @@ def test_installed_command_refuses_a_pickle_payload(base_run, tmp_path):
     assert not marker.exists()
 
 
-def test_loader_accepts_the_current_version_and_rejects_invalid_ones(base_run, tmp_path):
-    ck = checkpoint.load(base_run / "latest.pt")
+def test_loader_accepts_the_current_version_and_rejects_invalid_ones(trained_run, tmp_path):
+    ck = raw(trained_run / "latest.pt")
     assert ck["version"] == checkpoint.VERSION and ck["format"] == checkpoint.FORMAT
     for bad in (0, -1, "1", None):
         ck["version"] = bad
@@ -205,12 +191,14 @@ def _writer_loop(targets: list[Path], versions: list[bytes]) -> None:
         i += 1
 
 
-def test_sigkill_during_atomic_writes_never_leaves_a_broken_checkpoint(base_run, tmp_path):
-    run = copy_run(base_run, tmp_path / "run")
+def test_sigkill_during_atomic_writes_never_leaves_a_broken_checkpoint(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
     old = (run / "latest.pt").read_bytes()
-    ck = checkpoint.load(run / "latest.pt")
+    ck = raw(run / "latest.pt")
     ck["pad"] = torch.randn(700_000)  # ~2.8 MB: a write takes long enough to be cut in half
-    new = checkpoint.serialize(ck)
+    buf = io.BytesIO()
+    torch.save(ck, buf)
+    new = buf.getvalue()
     versions = [new, old]
     targets = [run / "latest.pt", run / "best.pt"]
     best_before = (run / "best.pt").read_bytes()
@@ -230,16 +218,16 @@ def test_sigkill_during_atomic_writes_never_leaves_a_broken_checkpoint(base_run,
         kills += 1
         for path in targets:
             assert path.read_bytes() in (old, new, best_before), f"{path.name} is neither version"
-            assert checkpoint.load(path)["step"] == 20
+            assert step_of(path) == RUN_STEPS
         leftovers += bool(tmp_files(run))
     assert leftovers > 0, "no kill landed mid-write; the test proved nothing"
 
     # The next start in the folder (a resume) removes the dead writers' temporary files.
     assert tmp_files(run)
-    result = train.resume(run / "latest.pt", {"max_steps": 22})
-    assert result.step == 22
+    result = session.resume(run / "latest.pt", {"max_steps": RUN_STEPS + 2})
+    assert result.step == RUN_STEPS + 2
     assert tmp_files(run) == []
-    assert checkpoint.load(run / "latest.pt")["step"] == 22
+    assert step_of(run / "latest.pt") == RUN_STEPS + 2
 
 
 def _kill_when_writing(cmd: list[str], run: Path, rng: random.Random) -> None:
@@ -262,22 +250,21 @@ def _kill_when_writing(cmd: list[str], run: Path, rng: random.Random) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_sigkill_of_a_real_training_run_leaves_loadable_checkpoints(base_run, tmp_path, runner):
-    corpus = base_run.parent / "speech.txt"
+def test_sigkill_of_a_real_training_run_leaves_loadable_checkpoints(trained_run, tmp_path, runner):
+    corpus = trained_run.parent / "speech.txt"
     run = tmp_path / "run"
     rng = random.Random(7)
     flags = [*TINY, "--eval-interval", "1", "--max-steps", "5000"]  # a checkpoint every step
     _kill_when_writing([*charlm_cmd(), "train", str(corpus), "--out", str(run), *flags], run, rng)
     _kill_when_writing([*charlm_cmd(), "resume", str(run / "latest.pt"), "--quiet"], run, rng)
-    for path in [run / "latest.pt", run / "best.pt", *checkpoint.step_files(run)]:
-        ck = checkpoint.load(path)
-        assert 0 < ck["step"] < 5000
-    step = checkpoint.load(run / "latest.pt")["step"]
+    for path in [run / "latest.pt", run / "best.pt", *RunDir(run).step_files()]:
+        assert 0 < step_of(path) < 5000
+    step = step_of(run / "latest.pt")
     (run / f"{checkpoint.TMP_PREFIX}99999-latest.pt").write_bytes(b"half a checkpoint")
     res = runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", str(step + 3), "--quiet"])
     assert res.exit_code == 0, res.output
     assert tmp_files(run) == []
-    assert checkpoint.load(run / "latest.pt")["step"] == step + 3
+    assert step_of(run / "latest.pt") == step + 3
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == step + 3  # no line from a lost future
 
@@ -293,12 +280,12 @@ def test_retention_keeps_latest_best_and_last_k_step_files(runner, corpus_file, 
     assert sorted(p.name for p in out.glob("*.pt")) == [
         "best.pt", "latest.pt", "step-0000020.pt", "step-0000025.pt", "step-0000030.pt"]  # --keep 3
     assert (out / "config.toml").exists() and (out / "metrics.jsonl").exists()
-    for p in checkpoint.step_files(out):
-        assert checkpoint.load(p)["step"] == int(p.stem.split("-")[1])
+    for p in RunDir(out).step_files():
+        assert step_of(p) == int(p.stem.split("-")[1])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best = min(rows, key=lambda r: r["val_bpc"])
-    best_ck = checkpoint.load(out / "best.pt")
-    assert best_ck["step"] == best["step"] and best_ck["best_val_bpc"] == best["val_bpc"]
+    best_ck = checkpoint.load(out / "best.pt").progress
+    assert best_ck.step == best["step"] and best_ck.best_val_bpc == best["val_bpc"]
 
     res = runner.invoke(app, ["resume", str(out / "latest.pt"), "--max-steps", "40", "--keep", "1", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -307,15 +294,15 @@ def test_retention_keeps_latest_best_and_last_k_step_files(runner, corpus_file, 
     res = runner.invoke(app, ["resume", str(out / "latest.pt"), "--max-steps", "50", "--keep", "0", "--quiet"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "latest.pt"]
-    assert checkpoint.load(out / "latest.pt")["step"] == 50
+    assert step_of(out / "latest.pt") == 50
 
 
 # --- an existing run is never overwritten by accident -----------------------------------------
 
 
 @pytest.mark.parametrize("only", [None, "best.pt", "metrics.jsonl", "step-0000010.pt"])
-def test_train_refuses_a_folder_holding_a_run(runner, base_run, corpus_file, tmp_path, only):
-    run = copy_run(base_run, tmp_path / "run")
+def test_train_refuses_a_folder_holding_a_run(runner, trained_run, corpus_file, tmp_path, only):
+    run = copy_run(trained_run, tmp_path / "run")
     if only:  # even one file of a run is enough to refuse
         for p in run.iterdir():
             if p.name != only:
@@ -330,16 +317,16 @@ def test_train_refuses_a_folder_holding_a_run(runner, base_run, corpus_file, tmp
     assert snapshot(run) == before  # byte for byte, mtimes too
 
 
-def test_train_force_starts_over_but_keeps_other_files(runner, base_run, corpus_file, tmp_path):
-    run = copy_run(base_run, tmp_path / "run")
+def test_train_force_starts_over_but_keeps_other_files(runner, trained_run, corpus_file, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
     (run / "notes.txt").write_text("mine")
     (run / f"{checkpoint.TMP_PREFIX}4242-best.pt").write_bytes(b"left by a killed writer")
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "5", *TINY, "--force"])
     assert res.exit_code == 0, res.output
     assert (run / "notes.txt").read_text() == "mine"
     assert tmp_files(run) == []
-    assert [p.name for p in checkpoint.step_files(run)] == ["step-0000005.pt"]  # old step-10/20 gone
-    assert checkpoint.load(run / "latest.pt")["step"] == 5
+    assert [p.name for p in RunDir(run).step_files()] == ["step-0000005.pt"]  # old step-10/20/30 gone
+    assert step_of(run / "latest.pt") == 5
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [5]
 
 
@@ -347,12 +334,12 @@ def test_train_force_starts_over_but_keeps_other_files(runner, base_run, corpus_
 
 
 @pytest.mark.parametrize("config_device", ["auto", "cuda"])
-def test_checkpoint_from_cuda_resumes_and_samples_on_cpu(runner, base_run, tmp_path, monkeypatch, config_device):
-    run = copy_run(base_run, tmp_path / "run")
-    ck = checkpoint.load(run / "latest.pt")
-    ck["device"], ck["precision"] = "cuda", "bf16"
-    ck["rng"]["cuda"] = torch.get_rng_state()  # a CUDA generator state is also a uint8 tensor
-    ck["config"]["train"]["device"] = config_device
+def test_checkpoint_from_cuda_resumes_and_samples_on_cpu(runner, trained_run, tmp_path, monkeypatch, config_device):
+    run = copy_run(trained_run, tmp_path / "run")
+    ck = raw(run / "latest.pt")
+    ck["trained_on"]["device"], ck["trained_on"]["precision"] = "cuda", "bf16"
+    ck["ranks"][0]["rng"]["cuda"] = torch.get_rng_state()  # a CUDA generator state is also a uint8 tensor
+    ck["config"]["session"]["device"] = config_device
     # Save every tensor tagged as living on cuda:0, as a GPU run writes them.
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
@@ -368,38 +355,40 @@ def test_checkpoint_from_cuda_resumes_and_samples_on_cpu(runner, base_run, tmp_p
     assert res.exit_code == 0, res.output
     assert len(res.stdout.rstrip("\n")) == 30
     extra = ["--device", "cpu"] if config_device == "cuda" else []
-    res = runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", "25", "--quiet", *extra])
+    res = runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", str(RUN_STEPS + 5), "--quiet", *extra])
     assert res.exit_code == 0, res.output
     after = checkpoint.load(run / "latest.pt")
-    assert after["step"] == 25 and after["device"] == "cpu" and "cuda" not in after["rng"]
+    assert after.progress.step == RUN_STEPS + 5 and after.trained_on.device == "cpu"
+    assert "cuda" not in after.ranks[0].rng
 
 
 class Died(BaseException):
     """Stands in for a SIGKILL between two files of one save."""
 
 
-def test_a_kill_between_the_files_of_one_save_leaves_best_pt_right(base_run, tmp_path, monkeypatch):
+def test_a_kill_between_the_files_of_one_save_leaves_best_pt_right(trained_run, tmp_path, monkeypatch):
     """An evaluation that improves writes latest.pt, best.pt and a step file. Whichever file a
     kill lands after, the resumed run must end with best.pt holding its best model."""
-    corpus = base_run.parent / "speech.txt"
+    corpus = trained_run.parent / "speech.txt"
     run = tmp_path / "run"
     write = checkpoint.write_atomic
 
     def dies_after_first_file_of_step_20(path, data):
         write(path, data)
-        if path.suffix == ".pt" and torch.load(io.BytesIO(data), weights_only=True)["step"] == 20:
+        if path.suffix == ".pt" and torch.load(io.BytesIO(data), weights_only=True)["progress"]["step"] == 20:
             raise Died
 
-    monkeypatch.setattr(checkpoint, "write_atomic", dies_after_first_file_of_step_20)
+    monkeypatch.setattr(rundir, "write_atomic", dies_after_first_file_of_step_20)
     with pytest.raises(Died):
-        train.start(tiny_config(max_steps=20), [str(corpus)], run)
+        session.fit(tiny_config(max_steps=20), [str(corpus)], run)
     monkeypatch.undo()
-    if checkpoint.load(run / "latest.pt")["step"] < 20:
-        train.resume(run / "latest.pt")
+    if step_of(run / "latest.pt") < 20:
+        session.resume(run / "latest.pt")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20] and rows[1]["val_bpc"] < rows[0]["val_bpc"]
     latest, best = checkpoint.load(run / "latest.pt"), checkpoint.load(run / "best.pt")
-    assert latest["step"] == 20
-    assert best["step"] == 20 and best["best_val_bpc"] == latest["best_val_bpc"] == rows[1]["val_bpc"]
-    for key in latest["model"]:
-        assert torch.equal(best["model"][key], latest["model"][key])
+    assert latest.progress.step == 20
+    assert best.progress.step == 20
+    assert best.progress.best_val_bpc == latest.progress.best_val_bpc == rows[1]["val_bpc"]
+    for key in latest.model:
+        assert torch.equal(best.model[key], latest.model[key])

@@ -17,37 +17,15 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import CHARS_PER_STEP, RUN_STEPS, TEXT, TINY, charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
 from charlm import __version__
 from charlm.cli import app
 from charlm.config import ModelConfig
 from charlm.model import CharRNN
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
-STEPS = 25  # TINY evaluates every 10 steps: evaluations at 10, 20 and 25
-CHARS_PER_STEP = 4 * 16  # TINY: --batch-size 4, --seq-len 16
 METRIC_KEYS = {"step", "chars", "train_bpc", "val_bpc", "lr", "elapsed"}
-
-
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, _one_thread) -> Path:
-    """One tiny finished run shared by the read-only tests (sample, eval, info)."""
-    base = tmp_path_factory.mktemp("cli")
-    corpus = base / "speech.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    out = base / "run"
-    res = CliRunner().invoke(app, ["train", str(corpus), "--out", str(out), "--max-steps", str(STEPS), *TINY])
-    assert res.exit_code == 0, res.output
-    return out
-
-
-@pytest.fixture
-def run_copy(run, tmp_path) -> Path:
-    """A private copy of the shared run, for tests that change it."""
-    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 def invoke(runner: CliRunner, *args: str):
@@ -78,13 +56,13 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 # --- train --------------------------------------------------------------------------------
 
 
-def test_train_writes_the_run_folder(run):
-    names = {p.name for p in run.iterdir()}
+def test_train_writes_the_run_folder(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
     assert {"latest.pt", "best.pt", "config.toml", "metrics.jsonl"} <= names
-    assert {"step-0000010.pt", "step-0000020.pt", "step-0000025.pt"} <= names
+    assert {"step-0000010.pt", "step-0000020.pt", "step-0000030.pt"} <= names
     assert not [n for n in names if n.startswith(".tmp-")]  # no temporary files left behind
-    metrics = read_metrics(run)
-    assert [m["step"] for m in metrics] == [10, 20, 25]  # one line per evaluation
+    metrics = read_metrics(trained_run)
+    assert [m["step"] for m in metrics] == [10, 20, 30]  # one line per evaluation
     for m in metrics:
         assert set(m) >= METRIC_KEYS
         assert m["chars"] == m["step"] * CHARS_PER_STEP
@@ -93,12 +71,12 @@ def test_train_writes_the_run_folder(run):
     assert [m["elapsed"] for m in metrics] == sorted(m["elapsed"] for m in metrics)
 
 
-def test_best_is_the_lowest_validation_bpc(run):
-    best = min(m["val_bpc"] for m in read_metrics(run))
-    ck_best = torch.load(run / "best.pt", weights_only=True)
-    ck_latest = torch.load(run / "latest.pt", weights_only=True)
-    assert ck_best["best_val_bpc"] == pytest.approx(best)
-    assert ck_latest["step"] == STEPS
+def test_best_is_the_lowest_validation_bpc(trained_run):
+    best = min(m["val_bpc"] for m in read_metrics(trained_run))
+    ck_best = torch.load(trained_run / "best.pt", weights_only=True)
+    ck_latest = torch.load(trained_run / "latest.pt", weights_only=True)
+    assert ck_best["progress"]["best_val_bpc"] == pytest.approx(best)
+    assert ck_latest["progress"]["step"] == RUN_STEPS
 
 
 def _plain(value: Any, where: str = "checkpoint") -> None:
@@ -116,12 +94,15 @@ def _plain(value: Any, where: str = "checkpoint") -> None:
 
 
 @pytest.mark.parametrize("name", ["latest.pt", "best.pt", "step-0000010.pt"])
-def test_checkpoints_load_with_weights_only_and_hold_plain_values(run, name):
-    ck = torch.load(run / name, map_location="cpu", weights_only=True)
+def test_checkpoints_load_with_weights_only_and_hold_plain_values(trained_run, name):
+    ck = torch.load(trained_run / name, map_location="cpu", weights_only=True)
     _plain(ck)
-    assert ck["format"] == "charlm" and isinstance(ck["version"], int)
-    for key in ("model", "config", "vocab", "optimizer", "step", "rng", "data", "corpus"):
-        assert key in ck
+    assert ck["format"] == "charlm" and ck["version"] == 2
+    assert set(ck) == {"format", "version", "model", "config", "vocab", "corpus", "optimizer", "scaler",
+                       "progress", "plan", "hidden", "ranks", "trained_on"}
+    assert set(ck["progress"]) == {"step", "chars_seen", "elapsed", "best_val_bpc", "last_val_bpc",
+                                   "loss_window", "data"}
+    assert set(ck["ranks"][0]["rng"]) == {"torch", "python"}
     assert ck["vocab"] == "".join(sorted(set(TEXT)))
     assert all(isinstance(v, torch.Tensor) for v in ck["model"].values())
 
@@ -259,8 +240,8 @@ def test_text_file_is_not_a_checkpoint(runner, corpus_file):
      (["--num-samples", "0"], "--num-samples"), (["--unknown", "maybe"], "--unknown"),
      (["--prime", "ü€"], "ü")],
 )
-def test_sample_bad_options_exit_2(runner, run, args, flag):
-    res = invoke(runner, "sample", "-c", run / "latest.pt", *args)
+def test_sample_bad_options_exit_2(runner, trained_run, args, flag):
+    res = invoke(runner, "sample", "-c", trained_run / "latest.pt", *args)
     assert_one_line_error(res, flag)
 
 
@@ -275,7 +256,7 @@ def test_resume_continues_to_max_steps(runner, run_copy):
     assert info["step"] == 32 and info["total_steps"] == 32
     assert info["chars_seen"] == 32 * CHARS_PER_STEP
     metrics = read_metrics(run_copy)
-    assert [m["step"] for m in metrics] == [10, 20, 25, 30, 32]
+    assert [m["step"] for m in metrics] == [10, 20, 30, 32]
     assert [m["chars"] for m in metrics] == [m["step"] * CHARS_PER_STEP for m in metrics]
 
 
@@ -292,33 +273,34 @@ def test_resume_a_finished_run_needs_a_new_budget(runner, run_copy):
 
 
 @pytest.mark.parametrize("length", [0, 1, 57])
-def test_sample_stdout_is_exactly_the_text(runner, run, length):
-    res = invoke(runner, "sample", "-c", run / "best.pt", "--no-echo", "--length", str(length), "--seed", "7")
+def test_sample_stdout_is_exactly_the_text(runner, trained_run, length):
+    res = invoke(runner, "sample", "-c", trained_run / "best.pt", "--no-echo", "--length", str(length), "--seed", "7")
     assert res.exit_code == 0, res.output
     assert len(res.stdout) == length + 1 and res.stdout.endswith("\n")
     assert set(res.stdout[:-1]) <= set(TEXT)
 
 
-def test_sample_echoes_the_prime(runner, run):
-    res = invoke(runner, "sample", "-c", run / "best.pt", "--prime", "Mr. Speaker", "--length", "20", "--seed", "1")
+def test_sample_echoes_the_prime(runner, trained_run):
+    res = invoke(runner, "sample", "-c", trained_run / "best.pt", "--prime", "Mr. Speaker", "--length", "20",
+                 "--seed", "1")
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("Mr. Speaker")
     assert len(res.stdout) == len("Mr. Speaker") + 20 + 1
 
 
-def test_sample_same_seed_same_text(runner, run):
-    a = invoke(runner, "sample", "-c", run / "best.pt", "--length", "40", "--seed", "5").stdout
-    b = invoke(runner, "sample", "-c", run / "best.pt", "--length", "40", "--seed", "5").stdout
+def test_sample_same_seed_same_text(runner, trained_run):
+    a = invoke(runner, "sample", "-c", trained_run / "best.pt", "--length", "40", "--seed", "5").stdout
+    b = invoke(runner, "sample", "-c", trained_run / "best.pt", "--length", "40", "--seed", "5").stdout
     assert a == b and len(a) == 41
 
 
-def test_sample_default_checkpoint(runner, run, tmp_path, monkeypatch):
+def test_sample_default_checkpoint(runner, trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = invoke(runner, "sample", "--length", "10")
     assert_one_line_error(res, "checkpoints")
     ckdir = tmp_path / "checkpoints"
     ckdir.mkdir()
-    shutil.copy(run / "best.pt", ckdir / "best.pt")
+    shutil.copy(trained_run / "best.pt", ckdir / "best.pt")
     (ckdir / "latest.pt").write_bytes(b"not a checkpoint")
     res = invoke(runner, "sample", "--length", "10", "--no-echo")
     assert res.exit_code == 0, res.output  # best.pt first
@@ -326,7 +308,7 @@ def test_sample_default_checkpoint(runner, run, tmp_path, monkeypatch):
     (ckdir / "best.pt").unlink()
     res = invoke(runner, "sample", "--length", "10")
     assert_one_line_error(res, "checkpoints/latest.pt")  # then latest.pt (corrupt here)
-    shutil.copy(run / "latest.pt", ckdir / "latest.pt")
+    shutil.copy(trained_run / "latest.pt", ckdir / "latest.pt")
     res = invoke(runner, "sample", "--length", "10", "--no-echo")
     assert res.exit_code == 0, res.output
     assert len(res.stdout) == 11
@@ -335,25 +317,25 @@ def test_sample_default_checkpoint(runner, run, tmp_path, monkeypatch):
 # --- eval / info / version ----------------------------------------------------------------
 
 
-def test_eval_json(runner, run):
-    res = invoke(runner, "eval", run / "best.pt", "--json")
+def test_eval_json(runner, trained_run):
+    res = invoke(runner, "eval", trained_run / "best.pt", "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert math.isfinite(data["bpc"]) and 0 < data["bpc"] < 8
     assert data["chars"] > 0 and data["skipped_chars"] == 0
-    assert data["step"] in (10, 20, 25)
+    assert data["step"] in (10, 20, 30)
     # Without --json: a readable table.
-    res = invoke(runner, "eval", run / "best.pt")
+    res = invoke(runner, "eval", trained_run / "best.pt")
     assert res.exit_code == 0 and "bpc" in res.stdout
 
 
-def test_eval_on_text_with_unknown_characters(runner, run, tmp_path):
+def test_eval_on_text_with_unknown_characters(runner, trained_run, tmp_path):
     text = TEXT[:2000] + "Grüße — €100\n"
     path = tmp_path / "other.txt"
     path.write_text(text, encoding="utf-8")
     unknown = [c for c in text if c not in TEXT]
     assert unknown
-    res = invoke(runner, "eval", run / "best.pt", path, "--json")
+    res = invoke(runner, "eval", trained_run / "best.pt", path, "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)  # stdout holds only the JSON; the warning goes to stderr
     assert data["skipped_chars"] == len(unknown)
@@ -361,29 +343,29 @@ def test_eval_on_text_with_unknown_characters(runner, run, tmp_path):
     assert "warning" in res.stderr and str(len(unknown)) in res.stderr
 
 
-def test_eval_on_text_with_no_known_characters(runner, run, tmp_path):
+def test_eval_on_text_with_no_known_characters(runner, trained_run, tmp_path):
     path = tmp_path / "greek.txt"
     path.write_text("αβγδ" * 10, encoding="utf-8")
-    assert_one_line_error(invoke(runner, "eval", run / "best.pt", path), "nothing to evaluate")
+    assert_one_line_error(invoke(runner, "eval", trained_run / "best.pt", path), "nothing to evaluate")
 
 
-def test_info_json(runner, run):
-    res = invoke(runner, "info", run / "latest.pt", "--json")
+def test_info_json(runner, trained_run):
+    res = invoke(runner, "info", trained_run / "latest.pt", "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     vocab = len(set(TEXT))
     expected_params = CharRNN(ModelConfig(num_layers=1, hidden_size=32, embedding_size=16), vocab).num_parameters()
-    assert data["step"] == STEPS and data["total_steps"] == STEPS
-    assert data["chars_seen"] == STEPS * CHARS_PER_STEP
+    assert data["step"] == RUN_STEPS and data["total_steps"] == RUN_STEPS
+    assert data["chars_seen"] == RUN_STEPS * CHARS_PER_STEP
     assert data["vocab_size"] == vocab and data["parameters"] == expected_params
-    assert data["format_version"] == 1 and data["device_trained"] == "cpu"
+    assert data["format_version"] == 2 and data["device_trained"] == "cpu"
     assert data["best_val_bpc"] <= data["last_val_bpc"]
     assert data["corpus"]["documents"] == 1 and data["corpus"]["chars"] == len(TEXT)
     assert len(data["corpus"]["sha256"]) == 64
     assert data["config"]["model"] == {"cell": "lstm", "num_layers": 1, "hidden_size": 32,
                                        "embedding_size": 16, "dropout": 0.0}
-    assert data["config"]["train"]["seq_len"] == 16 and data["config"]["train"]["max_steps"] == STEPS
-    res = invoke(runner, "info", run / "latest.pt")
+    assert data["config"]["train"]["seq_len"] == 16 and data["config"]["session"]["max_steps"] == RUN_STEPS
+    res = invoke(runner, "info", trained_run / "latest.pt")
     assert res.exit_code == 0 and "parameters" in res.stdout and "model.hidden_size" in res.stdout
 
 

@@ -8,11 +8,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINY
 
 from charlm.cli import app
 from charlm.config import (
     ModelConfig,
     RunConfig,
+    SessionConfig,
     TrainConfig,
     build_config,
     load_toml,
@@ -20,7 +22,6 @@ from charlm.config import (
     to_toml,
 )
 from charlm.errors import CharLMError
-from conftest import ROOT, TINY
 
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
@@ -39,7 +40,7 @@ def toml_file(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
 def test_defaults():
     cfg = build_config(None, {})
     assert cfg == RunConfig()
-    assert cfg.model == ModelConfig() and cfg.train == TrainConfig()
+    assert cfg.model == ModelConfig() and cfg.train == TrainConfig() and cfg.session == SessionConfig()
 
 
 def test_config_file_overrides_defaults_and_flags_override_the_file(tmp_path):
@@ -69,7 +70,7 @@ def test_precedence_through_the_cli(tmp_path, runner, corpus_file):
     assert saved["model"]["hidden_size"] == 32 and saved["train"]["batch_size"] == 4  # flags
     assert saved["model"]["embedding_size"] == 12  # flag
     assert saved["train"]["lr"] == 0.005  # file
-    assert saved["model"]["num_layers"] == 1 and saved["train"]["max_steps"] == 3
+    assert saved["model"]["num_layers"] == 1 and saved["session"]["max_steps"] == 3
     assert saved["train"]["warmup_steps"] == TrainConfig().warmup_steps  # default
     # The config.toml in the run folder is the one the checkpoint holds, and it round-trips.
     info = json.loads(runner.invoke(app, ["info", str(out / "latest.pt"), "--json"]).stdout)
@@ -84,8 +85,8 @@ def test_precedence_through_the_cli(tmp_path, runner, corpus_file):
 def test_to_toml_round_trips():
     cfg = RunConfig(
         ModelConfig(cell="rnn", num_layers=3, hidden_size=7, embedding_size=3, dropout=0.25),
-        TrainConfig(lr=1e-5, weight_decay=0.0, time="1h30m", compile=True, device="cpu", seed=0,
-                    precision="bf16", max_steps=123),
+        TrainConfig(lr=1e-5, weight_decay=0.0, seed=0),
+        SessionConfig(time="1h30m", compile=True, device="cpu", precision="bf16", max_steps=123),
     ).validate()
     text = to_toml(cfg)
     back = RunConfig.from_dict(tomllib.loads(text))
@@ -122,17 +123,17 @@ def test_to_toml_round_trips_defaults():
         ("train", "warmup_steps", -1, "--warmup-steps"),
         ("train", "weight_decay", -1.0, "--weight-decay"),
         ("train", "grad_clip", -1.0, "--grad-clip"),
-        ("train", "max_steps", -5, "--max-steps"),
-        ("train", "time", "soon", "--time"),
-        ("train", "time", "0", "--time"),
+        ("session", "max_steps", -5, "--max-steps"),
+        ("session", "time", "soon", "--time"),
+        ("session", "time", "0", "--time"),
         ("train", "val_fraction", 0.0, "--val-fraction"),
         ("train", "val_fraction", 0.9, "--val-fraction"),
-        ("train", "eval_interval", 0, "--eval-interval"),
-        ("train", "keep", -1, "--keep"),
+        ("session", "eval_interval", 0, "--eval-interval"),
+        ("session", "keep", -1, "--keep"),
         ("train", "seed", -1, "--seed"),
-        ("train", "device", "tpu", "--device"),
-        ("train", "precision", "fp8", "--precision"),
-        ("train", "preview_length", -1, "--preview-length"),
+        ("session", "device", "tpu", "--device"),
+        ("session", "precision", "fp8", "--precision"),
+        ("session", "preview_length", -1, "--preview-length"),
     ],
 )
 def test_validation_names_the_flag(section, key, value, flag):
@@ -188,8 +189,11 @@ def test_parse_duration(text, seconds):
 
 @pytest.mark.parametrize("text", ["", "abc", "5x", "m", "1m1h", "-5", "0", "0m", "5 m"])
 def test_parse_duration_rejects(text):
-    with pytest.raises(CharLMError, match="^--time:"):
+    with pytest.raises(CharLMError, match="is not a duration|longer than zero"):
         parse_duration(text)
+    if text:  # as a setting it names the flag (an empty --time means no time budget)
+        with pytest.raises(CharLMError, match="^--time: "):
+            build_config(None, {"time": text})
 
 
 # --- presets ------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ def test_presets_folder_holds_presets():
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_preset_loads_and_validates(preset):
     data = load_toml(preset)
-    assert data and set(data) <= {"model", "train"}
+    assert data and set(data) <= {"model", "train", "session"}
     cfg = build_config(preset, {})
     assert cfg.validate() is cfg
     # Every key in the file took effect.
@@ -221,3 +225,40 @@ def test_cpu_preset_is_the_built_in_default():
     preset = build_config(ROOT / "configs" / "cpu.toml", {})
     assert preset.model == ModelConfig()
     assert preset.train == TrainConfig()
+    assert preset.session == SessionConfig()
+
+
+def test_files_from_before_the_session_table_still_load(tmp_path):
+    """Budgets, device and cadence used to live under [train]: such files still load."""
+    path = toml_file(tmp_path, "[train]\nlr = 0.02\nmax_steps = 77\ntime = '5m'\nprecision = 'fp32'\n")
+    cfg = build_config(path, {})
+    assert cfg.train.lr == 0.02
+    assert (cfg.session.max_steps, cfg.session.time, cfg.session.precision) == (77, "5m", "fp32")
+    assert build_config(path, {"max_steps": 5}).session.max_steps == 5  # the flag still wins
+
+
+def test_every_problem_is_named_in_one_line():
+    with pytest.raises(CharLMError) as info:
+        build_config(None, {"lr": -1.0, "seq_len": 0, "cell": "tree"})
+    message = str(info.value)
+    assert "\n" not in message
+    for flag in ("--lr: ", "--seq-len: ", "--cell: "):
+        assert flag in message
+
+
+def test_every_setting_has_a_flag_with_help_and_a_readme_row(runner):
+    """Each setting is declared once (its field); the flag and the README row follow from it."""
+    import dataclasses
+    import re
+
+    from charlm.options import flag
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    train_section = re.search(r"^### `charlm train.*?(?=^### )", readme, re.S | re.M).group(0)
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
+    for cls in (ModelConfig, TrainConfig, SessionConfig):
+        for field in dataclasses.fields(cls):
+            name = flag(field.name)
+            assert field.metadata["help"], field.name
+            assert name in help_text, f"charlm train has no {name}"
+            assert f"`{name}" in train_section or f" {name}" in train_section, f"README: no row for {name}"

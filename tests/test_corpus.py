@@ -11,13 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_NLTK, TINY, read_corpus
 
 from charlm.cli import app
-from charlm.corpus import DOC_SEPARATOR, load_corpus
+from charlm.corpus import DOC_SEPARATOR
 from charlm.errors import CharLMError
-from conftest import SHARED_NLTK, TINY
-
-
 
 
 def write(path: Path, text: str) -> Path:
@@ -31,12 +29,11 @@ def write(path: Path, text: str) -> Path:
 
 def test_single_file(tmp_path):
     p = write(tmp_path / "a.txt", "Hello, wörld 🎉\n")
-    corpus = load_corpus([str(p)])
+    corpus = read_corpus([str(p)])
     assert corpus.text == "Hello, wörld 🎉\n"
     assert corpus.documents == [str(p.resolve())]
     assert corpus.specs == [str(p)]
-    desc = corpus.describe()
-    assert desc["chars"] == len(corpus.text) and desc["sha256"] == corpus.sha256
+    assert len(corpus.sha256) == 64
 
 
 def test_folder_reads_txt_recursively_in_sorted_order(tmp_path):
@@ -46,7 +43,7 @@ def test_folder_reads_txt_recursively_in_sorted_order(tmp_path):
     write(root / "sub" / "c.txt", "C")
     write(root / "notes.md", "not text")
     write(root / "data.csv", "x,y")
-    corpus = load_corpus([str(root)])
+    corpus = read_corpus([str(root)])
     names = [Path(d).relative_to(root.resolve()).as_posix() for d in corpus.documents]
     assert names == ["a.txt", "b.txt", "sub/c.txt"]
     assert corpus.text == DOC_SEPARATOR.join(["A", "B", "C"])
@@ -56,7 +53,7 @@ def test_glob(tmp_path):
     write(tmp_path / "x2.txt", "two")
     write(tmp_path / "x1.txt", "one")
     write(tmp_path / "y.txt", "other")
-    corpus = load_corpus([str(tmp_path / "x*.txt")])
+    corpus = read_corpus([str(tmp_path / "x*.txt")])
     assert [Path(d).name for d in corpus.documents] == ["x1.txt", "x2.txt"]
     assert corpus.text == "one" + DOC_SEPARATOR + "two"
 
@@ -66,27 +63,27 @@ def test_several_sources_are_joined_with_the_separator(tmp_path):
     folder = tmp_path / "more"
     write(folder / "b.txt", "second")
     write(folder / "c.txt", "third")
-    corpus = load_corpus([str(a), str(folder)])
+    corpus = read_corpus([str(a), str(folder)])
     assert corpus.text == DOC_SEPARATOR.join(["first", "second", "third"])
     assert len(corpus.documents) == 3
     # Order follows the command line, so the text (and its hash) does too.
-    swapped = load_corpus([str(folder), str(a)])
+    swapped = read_corpus([str(folder), str(a)])
     assert swapped.text == DOC_SEPARATOR.join(["second", "third", "first"])
     assert swapped.sha256 != corpus.sha256
-    assert load_corpus([str(a), str(folder)]).sha256 == corpus.sha256
+    assert read_corpus([str(a), str(folder)]).sha256 == corpus.sha256
 
 
 def test_utf8_bom_is_dropped(tmp_path):
     p = tmp_path / "bom.txt"
     p.write_bytes(b"\xef\xbb\xbfK\xc3\xb6ln\n")
-    assert load_corpus([str(p)]).text == "Köln\n"
+    assert read_corpus([str(p)]).text == "Köln\n"
 
 
 def test_invalid_utf8_is_an_error_that_suggests_latin1(tmp_path):
     p = tmp_path / "latin.txt"
     p.write_bytes("café crème\n".encode("latin-1"))
     with pytest.raises(CharLMError) as info:
-        load_corpus([str(p)])
+        read_corpus([str(p)])
     msg = str(info.value)
     assert str(p) in msg and "UTF-8" in msg and "latin-1" in msg
 
@@ -94,13 +91,13 @@ def test_invalid_utf8_is_an_error_that_suggests_latin1(tmp_path):
 def test_encoding_latin1(tmp_path):
     p = tmp_path / "latin.txt"
     p.write_bytes("café crème\n".encode("latin-1"))
-    assert load_corpus([str(p)], encoding="latin-1").text == "café crème\n"
+    assert read_corpus([str(p)], encoding="latin-1").text == "café crème\n"
 
 
 def test_unknown_encoding_names_the_flag(tmp_path):
     p = write(tmp_path / "a.txt", "abc")
     with pytest.raises(CharLMError, match="--encoding"):
-        load_corpus([str(p)], encoding="no-such-codec")
+        read_corpus([str(p)], encoding="no-such-codec")
 
 
 @pytest.mark.parametrize(
@@ -108,7 +105,7 @@ def test_unknown_encoding_names_the_flag(tmp_path):
     [
         (lambda d: d / "missing.txt", "no such file"),
         (lambda d: (d / "empty").mkdir() or d / "empty", "no .txt files"),
-        (lambda d: (d / "e.txt").write_bytes(b"") and None or d / "e.txt", "empty"),
+        (lambda d: ((d / "e.txt").write_bytes(b"") and None) or d / "e.txt", "empty"),
         (lambda d: (d / "b.txt").write_bytes(b"PK\x03\x04\x00\x00ab") and d / "b.txt", "binary"),
         (lambda d: d / "nomatch*.txt", "matches no files"),
     ],
@@ -117,14 +114,14 @@ def test_unknown_encoding_names_the_flag(tmp_path):
 def test_bad_sources_raise_naming_the_path(tmp_path, setup, needle):
     path = setup(tmp_path)
     with pytest.raises(CharLMError) as info:
-        load_corpus([str(path)])
+        read_corpus([str(path)])
     assert str(path) in str(info.value) and needle in str(info.value)
 
 
 def test_bad_source_is_found_before_reading_others(tmp_path):
     good = write(tmp_path / "a.txt", "abc")
     with pytest.raises(CharLMError, match="nope.txt"):
-        load_corpus([str(good), str(tmp_path / "nope.txt")])
+        read_corpus([str(good), str(tmp_path / "nope.txt")])
 
 
 # --- NLTK ---------------------------------------------------------------------------------
@@ -171,13 +168,13 @@ def nltk_home(tmp_path, monkeypatch) -> Path:
 
 
 def test_nltk_predefined_corpus(nltk_home):
-    corpus = load_corpus(["nltk:state_union"])
+    corpus = read_corpus(["nltk:state_union"])
     assert corpus.documents == ["nltk:state_union/1990-Bush.txt", "nltk:state_union/2001-Clinton.txt"]
     assert corpus.text == (
         "The state of our Union is strong.\n" + DOC_SEPARATOR + "My fellow Americans, good evening.\n"
     )
     # A second load in the same process (NLTK's loader has turned into a reader by now).
-    again = load_corpus(["nltk:state_union"])
+    again = read_corpus(["nltk:state_union"])
     assert again.text == corpus.text and again.sha256 == corpus.sha256
 
 
@@ -192,57 +189,57 @@ def test_nltk_zipped_predefined_corpus_uses_nltks_encoding(tmp_path, monkeypatch
         zf.writestr("state_union/1946-Truman.txt", b"plain ascii\n")
     use_nltk_data(monkeypatch, root)
     for _ in range(2):
-        corpus = load_corpus(["nltk:state_union"])
+        corpus = read_corpus(["nltk:state_union"])
         assert corpus.text == "Łódź\n" + DOC_SEPARATOR + "plain ascii\n"
         assert corpus.documents == ["nltk:state_union/1945-Truman.txt", "nltk:state_union/1946-Truman.txt"]
 
 
 def test_default_source_is_state_union(nltk_home):
-    assert load_corpus(None).documents == load_corpus(["nltk:state_union"]).documents
-    assert load_corpus([]).specs == ["nltk:state_union"]
+    assert read_corpus(None).documents == read_corpus(["nltk:state_union"]).documents
+    assert read_corpus([]).specs == ["nltk:state_union"]
 
 
 def test_nltk_single_fileid(nltk_home):
-    corpus = load_corpus(["nltk:state_union/2001-Clinton.txt"])
+    corpus = read_corpus(["nltk:state_union/2001-Clinton.txt"])
     assert corpus.documents == ["nltk:state_union/2001-Clinton.txt"]
     assert corpus.text == "My fellow Americans, good evening.\n"
 
 
 def test_nltk_corpus_nltk_does_not_predefine_is_read_as_utf8(nltk_home):
-    corpus = load_corpus(["nltk:mycorpus"])
+    corpus = read_corpus(["nltk:mycorpus"])
     assert corpus.documents == ["nltk:mycorpus/a.txt", "nltk:mycorpus/b.txt"]
     assert corpus.text == "Grüße 🎉\n" + DOC_SEPARATOR + "second\n"
-    assert load_corpus(["nltk:mycorpus/b.txt"]).text == "second\n"
+    assert read_corpus(["nltk:mycorpus/b.txt"]).text == "second\n"
 
 
 def test_nltk_zipped_custom_corpus(nltk_home):
-    corpus = load_corpus(["nltk:zipped"])
+    corpus = read_corpus(["nltk:zipped"])
     assert corpus.documents == ["nltk:zipped/one.txt", "nltk:zipped/two.txt"]
     assert corpus.text == "zipped one\n" + DOC_SEPARATOR + "zipped two\n"
 
 
 def test_nltk_mixed_with_files(nltk_home, tmp_path):
     p = write(tmp_path / "extra.txt", "extra")
-    corpus = load_corpus(["nltk:mycorpus/b.txt", str(p)])
+    corpus = read_corpus(["nltk:mycorpus/b.txt", str(p)])
     assert corpus.text == "second\n" + DOC_SEPARATOR + "extra"
 
 
 def test_nltk_unknown_corpus(nltk_home):
     with pytest.raises(CharLMError) as info:
-        load_corpus(["nltk:no_such_corpus"])
+        read_corpus(["nltk:no_such_corpus"])
     assert "nltk:no_such_corpus" in str(info.value) and "unknown NLTK corpus" in str(info.value)
 
 
 def test_nltk_unknown_fileid(nltk_home):
     with pytest.raises(CharLMError) as info:
-        load_corpus(["nltk:state_union/1066-Harold.txt"])
+        read_corpus(["nltk:state_union/1066-Harold.txt"])
     assert "1066-Harold.txt" in str(info.value)
 
 
 @pytest.mark.parametrize("spec", ["nltk:", "nltk:_private", "nltk:../etc"])
 def test_nltk_bad_names(nltk_home, spec):
     with pytest.raises(CharLMError, match="nltk:"):
-        load_corpus([spec])
+        read_corpus([spec])
 
 
 def test_nltk_missing_corpus_says_how_to_get_it(tmp_path, monkeypatch):
@@ -250,7 +247,7 @@ def test_nltk_missing_corpus_says_how_to_get_it(tmp_path, monkeypatch):
     empty.mkdir()
     use_nltk_data(monkeypatch, empty)  # conftest sets CHARLM_NO_DOWNLOAD: nothing downloads
     with pytest.raises(CharLMError) as info:
-        load_corpus(["nltk:state_union"])
+        read_corpus(["nltk:state_union"])
     msg = str(info.value)
     assert "python -m nltk.downloader state_union" in msg and "NLTK_DATA" in msg
 
@@ -305,12 +302,12 @@ needs_real = pytest.mark.skipif(not SHARED_NLTK.exists(), reason="no local NLTK 
 @needs_real
 def test_real_state_union(monkeypatch):
     use_nltk_data(monkeypatch, SHARED_NLTK)
-    corpus = load_corpus(["nltk:state_union"])
+    corpus = read_corpus(["nltk:state_union"])
     assert len(corpus.documents) == 65
     assert corpus.documents[0] == "nltk:state_union/1945-Truman.txt"
     assert corpus.documents == sorted(corpus.documents)
     assert 2_000_000 < len(corpus.text) < 2_150_000  # about 2.07 M characters
-    one = load_corpus(["nltk:state_union/1945-Truman.txt"])
+    one = read_corpus(["nltk:state_union/1945-Truman.txt"])
     assert corpus.text.startswith(one.text + DOC_SEPARATOR)
 
 

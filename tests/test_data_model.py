@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from charlm.cli import app
 from charlm.config import ModelConfig
-from charlm.data import StreamBatcher, eval_streams, split
+from charlm.data import StreamBatcher, split, translate
 from charlm.errors import CharLMError
+from charlm.evaluate import eval_rows
 from charlm.model import CharRNN, detach_state, flops_per_char, state_from_list, state_to_list
-from conftest import TINY
 
 CPU = torch.device("cpu")
 
@@ -129,25 +130,29 @@ def test_rows_pick_a_subset_of_the_same_streams():
 def test_seq_len_is_clipped_to_the_stream_and_short_text_is_rejected():
     b = StreamBatcher(torch.arange(21), batch_size=4, seq_len=100, device=CPU)
     x, y, _ = b.next()
-    assert x.shape == (4, 5)
+    assert x.shape == y.shape == (4, 5)
     with pytest.raises(CharLMError, match="--batch-size"):
         StreamBatcher(torch.arange(4), batch_size=8, seq_len=4, device=CPU)
 
 
-def test_eval_streams_shape():
-    rows = eval_streams(torch.arange(10_000), max_streams=16, min_len=512)
-    assert rows.shape == (16, 625) and rows.dtype == torch.long
-    assert rows[1, 0].item() == 625  # rows are consecutive slices
-    assert eval_streams(torch.arange(100)).shape == (1, 100)  # short text: one row
+def test_eval_rows_cover_the_held_out_text():
+    starts, length = eval_rows(10_000)
+    assert starts.tolist() == [k * 625 for k in range(16)] and length == 625  # consecutive slices
+    assert eval_rows(100)[0].tolist() == [0] and eval_rows(100)[1] == 100  # short text: one row
 
 
-def test_eval_streams_cap_spreads_rows_over_the_held_out_text():
-    rows = eval_streams(torch.arange(100_000), max_streams=16, min_len=512, max_chars=8192)
-    assert rows.shape == (16, 512)
-    assert rows[:, 0].tolist() == [k * 6250 for k in range(16)]  # evenly spaced starts
-    assert torch.equal(rows[3], torch.arange(3 * 6250, 3 * 6250 + 512))
+def test_eval_rows_cap_spreads_rows_over_the_held_out_text():
+    starts, length = eval_rows(100_000, max_chars=8192)
+    assert starts.tolist() == [k * 6250 for k in range(16)] and length == 512  # evenly spaced
     # A cap at or above the text's length scores all of it, as without one.
-    assert torch.equal(eval_streams(torch.arange(10_000), max_chars=10_000), eval_streams(torch.arange(10_000)))
+    assert eval_rows(10_000, max_chars=10_000)[1] == eval_rows(10_000)[1]
+
+
+def test_translate_maps_and_drops_in_chunks():
+    ids = np.array([0, 1, 2, 3, 2, 1, 0], dtype=np.uint8)
+    table = np.array([5, -1, 0, 2])
+    out, dropped = translate(ids, table, chunk=3)
+    assert out.tolist() == [5, 0, 2, 0, 5] and dropped == 2 and out.dtype == np.uint8
 
 
 # --- model --------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def test_detach_state_cuts_the_graph():
         assert all(t.requires_grad for t in state_to_list(state))
         cut = detach_state(state)
         assert all(not t.requires_grad for t in state_to_list(cut))
-        assert all(torch.equal(a, b) for a, b in zip(state_to_list(cut), state_to_list(state)))
+        assert all(torch.equal(a, b) for a, b in zip(state_to_list(cut), state_to_list(state), strict=True))
 
 
 def test_parameters_and_flops():

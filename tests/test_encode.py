@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
 from charlm import corpus as corpus_mod
-from charlm.corpus import DOC_SEPARATOR, load_corpus
+from charlm.corpus import DOC_SEPARATOR
 from charlm.encode import _IdWriter, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError
 from charlm.vocab import Vocab
-from conftest import TINY, TEXT, charlm_cmd, subprocess_env
 
 
 def decode(enc) -> str:
@@ -26,11 +26,11 @@ def test_ids_match_the_in_memory_vocabulary(tmp_path: Path):
     (tmp_path / "a.txt").write_text("Grüße 🎉 and a tab\t\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("second ÿ document", encoding="utf-8")
     enc = encode_corpus([str(tmp_path)], cache_dir=tmp_path / "cache")
-    text = load_corpus([str(tmp_path)]).text
-    vocab, ids = Vocab.build(text)
+    text = "Grüße 🎉 and a tab\t\n" + DOC_SEPARATOR + "second ÿ document"
+    vocab = Vocab("".join(sorted(set(text))))
     assert enc.vocab.chars == vocab.chars  # code-point order, as Vocab uses
     assert enc.ids.dtype == np.uint8 and isinstance(enc.ids, np.memmap)
-    assert enc.ids.tolist() == ids.tolist()
+    assert enc.ids.tolist() == vocab.encode(text).tolist()
     assert enc.desc["chars"] == len(text) and enc.encoded
     assert decode(enc) == "Grüße 🎉 and a tab\t\n" + DOC_SEPARATOR + "second ÿ document"
 
@@ -42,7 +42,8 @@ def test_chunk_boundaries_inside_characters(tmp_path: Path, monkeypatch: pytest.
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     enc = encode_corpus([str(path)], cache_dir=tmp_path / "cache")
-    assert decode(enc) == text[1:].replace("\ufeff", "\ufeff")  # only the leading BOM goes
+    # Only the leading BOM goes; the 49 later ones are text (zero-width no-break spaces).
+    assert decode(enc) == text[1:] and decode(enc).count("\ufeff") == 49
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok" * 20 + b"\xff" + b"more")
     with pytest.raises(CharLMError, match="not valid UTF-8 at byte 40"):
@@ -116,15 +117,29 @@ def test_an_incomplete_or_damaged_entry_is_rebuilt(tmp_path: Path):
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_reopen_checks_the_recorded_hash(tmp_path: Path):
+def test_reopen_checks_the_recorded_hash_and_vocabulary(tmp_path: Path):
     path = tmp_path / "c.txt"
     path.write_text(TEXT, encoding="utf-8")
     enc = encode_corpus([str(path)], cache_dir=tmp_path / "cache")
-    again = reopen_corpus(enc.desc, tmp_path / "latest.pt", cache_dir=tmp_path / "cache")
-    assert not again.encoded and again.desc == enc.desc
+    again = reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars, cache_dir=tmp_path / "cache")
+    assert not again.encoded and again.desc == enc.desc and not again.sources_gone
+    with pytest.raises(CharLMError, match="vocabulary differs"):
+        reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars + "~", cache_dir=tmp_path / "cache")
     path.write_text(TEXT + "!", encoding="utf-8")
     with pytest.raises(CharLMError, match="corpus changed"):
-        reopen_corpus(enc.desc, tmp_path / "latest.pt", cache_dir=tmp_path / "cache")
+        reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars, cache_dir=tmp_path / "cache")
+
+
+def test_reopen_uses_the_cache_when_the_files_are_gone(tmp_path: Path):
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    enc = encode_corpus([str(path)], cache_dir=tmp_path / "cache")
+    path.unlink()
+    again = reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars, cache_dir=tmp_path / "cache")
+    assert again.sources_gone and decode(again) == TEXT
+    # Neither the files nor the cache: the missing file is named.
+    with pytest.raises(CharLMError, match="no such file"):
+        reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars, cache_dir=tmp_path / "other-cache")
 
 
 def test_unusable_cache_folder_is_one_clear_error(tmp_path: Path):

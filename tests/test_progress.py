@@ -7,23 +7,20 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, tiny_config
 
 from charlm.cli import app
-from charlm.config import build_config
-from charlm.progress import Reporter
-from charlm.train import start
-from conftest import TINY
+from charlm.report import Reporter
+from charlm.session import fit
 
 
 def _tiny_cfg(preview_length: int):
-    return build_config(None, dict(hidden_size=32, num_layers=2, dropout=0.2, embedding_size=16,
-                                   seq_len=16, batch_size=4, eval_interval=5, max_steps=20,
-                                   preview_length=preview_length))
+    return tiny_config(num_layers=2, dropout=0.2, eval_interval=5, max_steps=20, preview_length=preview_length)
 
 
 def test_previews_do_not_change_training(corpus_file, tmp_path):
-    with_prev = start(_tiny_cfg(60), [str(corpus_file)], tmp_path / "a")
-    without = start(_tiny_cfg(0), [str(corpus_file)], tmp_path / "b")
+    with_prev = fit(_tiny_cfg(60), [str(corpus_file)], tmp_path / "a")
+    without = fit(_tiny_cfg(0), [str(corpus_file)], tmp_path / "b")
     a = torch.load(with_prev.out_dir / "latest.pt", weights_only=True)["model"]
     b = torch.load(without.out_dir / "latest.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
@@ -34,7 +31,7 @@ def test_plain_log_lines_previews_and_summary(corpus_file, tmp_path):
     stream = io.StringIO()  # not a terminal: one plain line per evaluation, no bar
     rep = Reporter(stream=stream)
     cfg = _tiny_cfg(30)
-    result = start(cfg, [str(corpus_file)], tmp_path / "run", callbacks=rep)
+    result = fit(cfg, [str(corpus_file)], tmp_path / "run", callbacks=rep)
     rep.summary(result)
     text = stream.getvalue()
     assert text.count("val ") >= 4  # evaluations at steps 5, 10, 15, 20
@@ -50,7 +47,7 @@ def test_log_says_once_that_encoding_started_and_then_that_the_cache_served(tmp_
     logs = []
     for run in ("first", "second"):
         stream = io.StringIO()
-        start(_tiny_cfg(0), [str(text_file)], tmp_path / run, callbacks=Reporter(stream=stream))
+        fit(_tiny_cfg(0), [str(text_file)], tmp_path / run, callbacks=Reporter(stream=stream))
         logs.append(stream.getvalue())
     assert logs[0].count("charlm: encoding the corpus") == 1 and "encoded in" in logs[0]
     assert "charlm: encoding" not in logs[1] and "from the cache" in logs[1]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import typer
+from conftest import ROOT
 
 from charlm.cli import app
-from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

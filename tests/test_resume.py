@@ -19,21 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RUN_STEPS, TEXT, TINY, charlm_cmd, subprocess_env, tiny_config, tiny_flags
 
-from charlm import checkpoint, train
+from charlm import checkpoint, session
 from charlm.cli import app
-from charlm.config import ModelConfig, RunConfig, TrainConfig
+from charlm.config import RunConfig
 from charlm.errors import CharLMError, TrainingInterrupted
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
+from charlm.events import Callbacks
 
 
-
-class Recorder(train.Callbacks):
+class Recorder(Callbacks):
     def __init__(self) -> None:
         self.steps: list[list[float]] = []
 
     def on_step(self, stats):
-        self.steps.append([stats["step"], stats["bpc"]])
+        self.steps.append([stats.step, stats.bpc])
 
 
 def dropout_config(total: int) -> RunConfig:
@@ -41,19 +41,16 @@ def dropout_config(total: int) -> RunConfig:
     # so a resume that does not restore the RNG state gives different losses.
     # batch 16 x seq 32 over ~6.5k training chars: 12 windows per pass, so 30 steps cross
     # two pass boundaries (hidden-state reset and data position wrap).
-    return RunConfig(
-        ModelConfig(cell="lstm", num_layers=2, hidden_size=32, embedding_size=16, dropout=0.3),
-        TrainConfig(seq_len=32, batch_size=16, warmup_steps=5, max_steps=total, eval_interval=5,
-                    device="cpu", precision="fp32", preview_length=16, seed=7),
-    )
+    return tiny_config(num_layers=2, dropout=0.3, seq_len=32, batch_size=16, warmup_steps=5, max_steps=total,
+                       eval_interval=5, precision="fp32", preview_length=16, seed=7)
 
 
 def models_equal(a: Path, b: Path) -> None:
     ca, cb = checkpoint.load(a), checkpoint.load(b)
-    assert ca["step"] == cb["step"]
-    assert ca["model"].keys() == cb["model"].keys()
-    for key in ca["model"]:
-        assert torch.equal(ca["model"][key], cb["model"][key]), f"{key} differs ({a} vs {b})"
+    assert ca.progress.step == cb.progress.step
+    assert ca.model.keys() == cb.model.keys()
+    for key in ca.model:
+        assert torch.equal(ca.model[key], cb.model[key]), f"{key} differs ({a} vs {b})"
 
 
 def metrics(run: Path) -> list[tuple]:
@@ -66,16 +63,17 @@ RESUME_SCRIPT = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from charlm import train
+from charlm import session
+from charlm.events import Callbacks
 
-class Recorder(train.Callbacks):
+class Recorder(Callbacks):
     def __init__(self):
         self.steps = []
     def on_step(self, stats):
-        self.steps.append([stats["step"], stats["bpc"]])
+        self.steps.append([stats.step, stats.bpc])
 
 rec = Recorder()
-result = train.resume(sys.argv[1], {}, callbacks=rec)
+result = session.resume(sys.argv[1], {}, callbacks=rec)
 with open(sys.argv[2], "w") as fh:
     json.dump({"steps": rec.steps, "step": result.step, "finished": result.finished}, fh)
 """
@@ -89,11 +87,11 @@ def test_stop_then_resume_in_new_process_is_bit_identical_with_dropout(corpus_fi
     # Ctrl-C path: finish the step, save latest.pt, raise TrainingInterrupted.
     first = Recorder()
     with pytest.raises(TrainingInterrupted) as info:
-        train.start(dropout_config(n + m), [str(corpus_file)], stopped, callbacks=first,
-                    should_stop=lambda: signal.SIGINT if first.steps and first.steps[-1][0] >= n else 0)
+        session.fit(dropout_config(n + m), [str(corpus_file)], stopped, callbacks=first,
+                    pending_signal=lambda: signal.SIGINT if first.steps and first.steps[-1][0] >= n else 0)
     assert info.value.step == n and info.value.signum == signal.SIGINT
     assert Path(info.value.checkpoint) == stopped / "latest.pt"
-    assert checkpoint.load(stopped / "latest.pt")["step"] == n
+    assert checkpoint.load(stopped / "latest.pt").progress.step == n
 
     # Process 2: a fresh interpreter resumes from latest.pt and runs the remaining M steps.
     script = tmp_path / "resume_run.py"
@@ -107,7 +105,7 @@ def test_stop_then_resume_in_new_process_is_bit_identical_with_dropout(corpus_fi
 
     # Process 3 (this one again, fresh Trainer): N+M in one go.
     whole = Recorder()
-    train.start(dropout_config(n + m), [str(corpus_file)], full, callbacks=whole)
+    session.fit(dropout_config(n + m), [str(corpus_file)], full, callbacks=whole)
 
     assert [s for s, _ in first.steps] == list(range(1, n + 1))
     assert [s for s, _ in second["steps"]] == list(range(n + 1, n + m + 1))
@@ -116,11 +114,11 @@ def test_stop_then_resume_in_new_process_is_bit_identical_with_dropout(corpus_fi
     models_equal(stopped / "latest.pt", full / "latest.pt")
     models_equal(stopped / "best.pt", full / "best.pt")
     a, b = checkpoint.load(stopped / "latest.pt"), checkpoint.load(full / "latest.pt")
-    for ga, gb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for ga, gb in zip(a.optimizer["state"].values(), b.optimizer["state"].values(), strict=True):
         for key in ga:
             assert torch.equal(torch.as_tensor(ga[key]), torch.as_tensor(gb[key])), key
-    assert a["data"] == b["data"] and a["chars_seen"] == b["chars_seen"]
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert a.progress.data == b.progress.data and a.progress.chars_seen == b.progress.chars_seen
+    assert torch.equal(a.ranks[0].rng["torch"], b.ranks[0].rng["torch"])
     # metrics.jsonl: same evaluation steps, same train / val bpc and learning rates.
     assert metrics(stopped) == metrics(full)
     assert [r[0] for r in metrics(full)] == [5, 10, 15, 20, 25, 30]
@@ -132,36 +130,35 @@ def test_resume_without_the_saved_rng_would_differ(corpus_file, tmp_path):
     run = tmp_path / "run"
     rec = Recorder()
     with pytest.raises(TrainingInterrupted):
-        train.start(dropout_config(20), [str(corpus_file)], run, callbacks=rec,
-                    should_stop=lambda: signal.SIGINT if rec.steps and rec.steps[-1][0] >= n else 0)
+        session.fit(dropout_config(20), [str(corpus_file)], run, callbacks=rec,
+                    pending_signal=lambda: signal.SIGINT if rec.steps and rec.steps[-1][0] >= n else 0)
     clobbered = tmp_path / "clobbered"
     shutil.copytree(run, clobbered)
     whole = Recorder()
     with pytest.raises(TrainingInterrupted):
-        train.start(dropout_config(20), [str(corpus_file)], tmp_path / "whole", callbacks=whole,
-                    should_stop=lambda: signal.SIGINT if len(whole.steps) > n else 0)
+        session.fit(dropout_config(20), [str(corpus_file)], tmp_path / "whole", callbacks=whole,
+                    pending_signal=lambda: signal.SIGINT if len(whole.steps) > n else 0)
     expected_next = whole.steps[n][1]
 
     # The loss of a step is taken before its update, so a 1-step resume shows it.
     good = Recorder()
-    train.resume(run / "latest.pt", {"max_steps": n + 1}, callbacks=good)
+    session.resume(run / "latest.pt", {"max_steps": n + 1}, callbacks=good)
     assert good.steps == [[n + 1, expected_next]]
 
     ck = checkpoint.load(clobbered / "latest.pt")
     torch.manual_seed(12345)
-    ck["rng"]["torch"] = torch.get_rng_state()
+    ck.ranks[0].rng["torch"] = torch.get_rng_state()
     checkpoint.write_atomic(clobbered / "latest.pt", checkpoint.serialize(ck))
     bad = Recorder()
-    train.resume(clobbered / "latest.pt", {"max_steps": n + 1}, callbacks=bad)
+    session.resume(clobbered / "latest.pt", {"max_steps": n + 1}, callbacks=bad)
     assert bad.steps[0][0] == n + 1 and bad.steps[0][1] != expected_next
 
 
 # --- real signals to the installed command -------------------------------------------------
 
 TOTAL = 300
-SIGNAL_FLAGS = ["--hidden-size", "32", "--num-layers", "2", "--dropout", "0.3", "--embedding-size", "16",
-                "--seq-len", "16", "--batch-size", "4", "--eval-interval", "25", "--warmup-steps", "10",
-                "--no-preview", "--device", "cpu", "--precision", "fp32", "--max-steps", str(TOTAL)]
+SIGNAL_FLAGS = [*tiny_flags(num_layers=2, dropout=0.3, eval_interval=25, warmup_steps=10, device="cpu",
+                            precision="fp32", max_steps=TOTAL), "--no-preview"]
 
 
 def _signal_when_evaluating(proc: subprocess.Popen, signals: list[int], delay: float,
@@ -226,15 +223,15 @@ def test_signal_saves_says_how_to_resume_and_exits(signal_runs, name, code, sign
     assert run["rc"] == code, err
     assert "Traceback" not in err
     latest = out / "latest.pt"
-    ck = checkpoint.load(latest)
-    assert 25 <= ck["step"] < TOTAL  # the signal landed mid-run
-    assert f"charlm: {signame} at step {ck['step']}: saved {latest}" in err
+    step = checkpoint.load(latest).progress.step
+    assert 25 <= step < TOTAL  # the signal landed mid-run
+    assert f"charlm: {signame} at step {step}: saved {latest}" in err
     assert f"charlm: continue with: charlm resume {latest}" in err
     assert err.count("finishing the step and saving") == 1  # a second signal changes nothing
     assert not [p for p in out.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
     # The last evaluation line printed never passes the saved step.
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(25, ck["step"] + 1, 25))
+    assert steps == list(range(25, step + 1, 25))
 
 
 @pytest.mark.parametrize("name", ["sigint", "double"])
@@ -244,19 +241,11 @@ def test_resume_after_signal_matches_uninterrupted_run(signal_runs, runner, name
     res = runner.invoke(app, ["resume", str(out / "latest.pt"), "--quiet"])
     assert res.exit_code == 0, res.output
     models_equal(out / "latest.pt", full / "latest.pt")
-    assert checkpoint.load(out / "latest.pt")["step"] == TOTAL
+    assert checkpoint.load(out / "latest.pt").progress.step == TOTAL
     assert metrics(out) == metrics(full)
 
 
 # --- what a resume may and may not change ----------------------------------------------------
-
-
-@pytest.fixture
-def finished_run(runner, corpus_file, tmp_path):
-    out = tmp_path / "run"
-    res = runner.invoke(app, ["train", str(corpus_file), "--out", str(out), "--max-steps", "20", *TINY])
-    assert res.exit_code == 0, res.output
-    return out
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -275,43 +264,45 @@ def one_error_line(res) -> str:
 @pytest.mark.parametrize("toml, named", [("[model]\nhidden_size = 64\n", "model.hidden_size"),
                                          ("[train]\nseq_len = 8\n", "train.seq_len"),
                                          ("[model]\ncell = \"gru\"\n", "model.cell")])
-def test_resume_refuses_a_config_that_changes_the_run(runner, finished_run, tmp_path, toml, named):
+def test_resume_refuses_a_config_that_changes_the_run(runner, run_copy, tmp_path, toml, named):
     other = tmp_path / "other.toml"
     other.write_text(toml)
-    before = snapshot(finished_run)
-    res = runner.invoke(app, ["resume", str(finished_run / "latest.pt"), "--config", str(other),
+    before = snapshot(run_copy)
+    res = runner.invoke(app, ["resume", str(run_copy / "latest.pt"), "--config", str(other),
                               "--max-steps", "30"])
     line = one_error_line(res)
     assert named in line and "resume" in line
-    assert snapshot(finished_run) == before
+    assert snapshot(run_copy) == before
 
 
-def test_resume_refuses_a_changed_corpus(runner, finished_run, corpus_file):
+def test_resume_refuses_a_changed_corpus(runner, corpus_file, tmp_path):
+    run = tmp_path / "run"  # its own run: the shared run's corpus must not change
+    assert runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "5", *TINY]).exit_code == 0
     corpus_file.write_text(corpus_file.read_text() + "One more line.\n", encoding="utf-8")
-    before = snapshot(finished_run)
-    line = one_error_line(runner.invoke(app, ["resume", str(finished_run / "latest.pt"), "--max-steps", "30"]))
+    before = snapshot(run)
+    line = one_error_line(runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", "30"]))
     assert "corpus changed" in line
-    assert snapshot(finished_run) == before
+    assert snapshot(run) == before
 
 
-def test_resume_refuses_fewer_steps_than_done_and_a_finished_run_without_more(runner, finished_run):
-    before = snapshot(finished_run)
-    line = one_error_line(runner.invoke(app, ["resume", str(finished_run / "latest.pt"), "--max-steps", "10"]))
-    assert "--max-steps 10" in line and "step 20" in line
-    line = one_error_line(runner.invoke(app, ["resume", str(finished_run / "latest.pt")]))
+def test_resume_refuses_fewer_steps_than_done_and_a_run_copy_without_more(runner, run_copy):
+    before = snapshot(run_copy)
+    line = one_error_line(runner.invoke(app, ["resume", str(run_copy / "latest.pt"), "--max-steps", "10"]))
+    assert "--max-steps 10" in line and f"step {RUN_STEPS}" in line
+    line = one_error_line(runner.invoke(app, ["resume", str(run_copy / "latest.pt")]))
     assert "already finished" in line and "--max-steps" in line
-    assert snapshot(finished_run) == before
+    assert snapshot(run_copy) == before
     with pytest.raises(CharLMError, match="cannot be changed on resume"):
-        train.resume(finished_run / "latest.pt", {"max_steps": 30, "lr": 0.1})
+        session.resume(run_copy / "latest.pt", {"max_steps": 40, "lr": 0.1})
 
 
-def test_resume_accepts_budget_cadence_and_device_changes(runner, finished_run, tmp_path):
+def test_resume_accepts_budget_cadence_and_device_changes(runner, run_copy, tmp_path):
     same = tmp_path / "same.toml"  # repeating the run's own settings is allowed
     same.write_text("[model]\nhidden_size = 32\nnum_layers = 1\n[train]\nseq_len = 16\nmax_steps = 999\n")
-    res = runner.invoke(app, ["resume", str(finished_run / "latest.pt"), "--max-steps", "30",
+    res = runner.invoke(app, ["resume", str(run_copy / "latest.pt"), "--max-steps", "40",
                               "--eval-interval", "5", "--device", "cpu", "--config", str(same), "--quiet"])
     assert res.exit_code == 0, res.output
-    ck = checkpoint.load(finished_run / "latest.pt")
-    assert ck["step"] == 30 and ck["total_steps"] == 30
-    assert ck["config"]["train"]["eval_interval"] == 5
-    assert [r[0] for r in metrics(finished_run)] == [10, 20, 25, 30]
+    ck = checkpoint.load(run_copy / "latest.pt")
+    assert ck.progress.step == 40 and ck.plan.total_steps == 40
+    assert ck.config.session.eval_interval == 5
+    assert [r[0] for r in metrics(run_copy)] == [10, 20, 30, 35, 40]

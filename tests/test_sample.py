@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
 import charlm
@@ -22,8 +23,8 @@ from charlm.cli import app, main
 from charlm.config import ModelConfig
 from charlm.model import CharRNN
 from charlm.sample import Sampler, _read, _Stepper
+from charlm.sample_options import SampleOptions
 from charlm.vocab import Vocab
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
 PRIME = "The state of "
 
@@ -159,7 +160,7 @@ def test_stream_is_an_iterator_of_the_same_text(lm):
     first = next(it)
     assert isinstance(first, str) and len(first) == 1
     assert first + "".join(it) == lm.sample(length=50, temperature=0.7, seed=2, prime=PRIME)
-    steps = list(lm.stream_batch(3, length=10, seed=2))
+    steps = list(lm.stream_batch(SampleOptions(num_samples=3, length=10, seed=2)))
     assert len(steps) == 10 and all(len(s) == 3 for s in steps)
 
 
@@ -169,8 +170,8 @@ def test_sampling_leaves_global_rng_and_mode_alone(lm):
     lm.model.train()
     try:
         before = torch.get_rng_state()
-        "".join(sampler.generate(length=30, temperature=1.0, seed=1, top_p=0.9, prime=PRIME))
-        "".join(sampler.generate(length=30, temperature=0.5))  # no seed: drawn from os.urandom
+        "".join(sampler.generate(SampleOptions(length=30, temperature=1.0, seed=1, top_p=0.9, prime=PRIME)))
+        "".join(sampler.generate(SampleOptions(length=30, temperature=0.5)))  # no seed: from os.urandom
         assert torch.equal(before, torch.get_rng_state())
         assert lm.model.training
     finally:
@@ -184,7 +185,7 @@ def test_stop_ends_each_sample(lm):
     stopped = [row for row in rows if len(row) < 300]
     for row in rows:  # each row stops at its own first " ", or runs to the length
         assert row.find(" ") == len(row) - 1 if row in stopped else " " not in row
-    assert 0 < len(stopped) and len({len(r) for r in stopped}) > 1
+    assert len(stopped) > 0 and len({len(r) for r in stopped}) > 1
 
 
 def test_length_zero_and_no_prime(lm):
@@ -215,10 +216,10 @@ def test_stepper_matches_the_model(cell):
     with torch.inference_mode():
         chunked = _read(model, ids[0].tolist(), torch.device("cpu"), chunk=7)
         _, whole = model(ids[:1], None)
-    for a, b in zip(chunked if cell == "lstm" else [chunked], whole if cell == "lstm" else [whole]):
+    for a, b in zip(chunked if cell == "lstm" else [chunked], whole if cell == "lstm" else [whole], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     # Greedy text equals the plain loop's greedy text.
-    text = "".join(Sampler(model, vocab).generate(length=120, temperature=0, prime="0123"))
+    text = "".join(Sampler(model, vocab).generate(SampleOptions(length=120, temperature=0, prime="0123")))
     x, st, manual = vocab.encode("0123")[None], None, []
     with torch.no_grad():
         for _ in range(120):
@@ -298,9 +299,9 @@ def test_cli_num_samples_one_batch_labelled(capsys, monkeypatch, ckpt, lm):
     calls = []
     real = Sampler.generate_batch
 
-    def spy(self, n, **kw):
-        calls.append(n)
-        return real(self, n, **kw)
+    def spy(self, opts):
+        calls.append(opts.num_samples)
+        return real(self, opts)
 
     monkeypatch.setattr(Sampler, "generate_batch", spy)
     args = ("sample", "-c", ckpt, "--num-samples", "3", "--length", "30", "--seed", "6", "--prime", PRIME)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from charlm.cli import app
 from conftest import TINY
+
+from charlm.cli import app
 
 
 def test_train_sample_resume_eval_info(runner, corpus_file, tmp_path):
@@ -19,8 +20,10 @@ def test_train_sample_resume_eval_info(runner, corpus_file, tmp_path):
     res = runner.invoke(app, ["resume", str(out / "latest.pt"), "--max-steps", "30", "--quiet"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["info", str(out / "latest.pt"), "--json"])
+    assert res.exit_code == 0
     assert json.loads(res.stdout)["step"] == 30
     res = runner.invoke(app, ["eval", str(out / "best.pt"), "--json"])
+    assert res.exit_code == 0
     data = json.loads(res.stdout)
     assert 0 < data["bpc"] < 8 and data["chars"] > 0
 
@@ -29,12 +32,12 @@ def test_python_api_after_the_training_module_is_loaded(corpus_file, tmp_path):
     """The README's API: fit, resume, load, sample, stream, evaluate — usable even once
     charlm.train (the module) has been imported."""
     import charlm
-    import charlm.train  # noqa: F401  (binds the package attribute `train` to the module)
+    import charlm.train
 
     cfg = charlm.RunConfig()
     cfg.model.hidden_size, cfg.model.num_layers, cfg.model.embedding_size = 32, 1, 16
-    cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_interval = 16, 4, 10
-    cfg.train.preview_length, cfg.train.max_steps = 0, 20
+    cfg.train.seq_len, cfg.train.batch_size = 16, 4
+    cfg.session.eval_interval, cfg.session.preview_length, cfg.session.max_steps = 10, 0, 20
     result = charlm.fit(cfg, [str(corpus_file)], tmp_path / "run")
     assert result.step == 20
     charlm.resume(tmp_path / "run" / "latest.pt", {"max_steps": 30})

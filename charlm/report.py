@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from charlm.train import Callbacks, TrainResult
+from charlm.events import Callbacks, EvalRecord, StartInfo, StepStats, TrainResult
 
 
 def _columns(stream: Any) -> int:
@@ -34,7 +34,6 @@ class Reporter(Callbacks):
         self.encoding_noted = False  # said (off a terminal) that encoding started
         self.smooth: float | None = None
         self.val: float | None = None
-        self.stop: Any = None
 
     def _print(self, text: str) -> None:
         if self.quiet:
@@ -75,26 +74,24 @@ class Reporter(Callbacks):
         self._end_corpus_bar()  # the corpus is read once a message about it comes
         self._print(f"charlm: {text}")
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        if self.stop is not None:
-            self.stop.install()  # from here on Ctrl-C saves a checkpoint
+    def on_start(self, info: StartInfo) -> None:
         if self.quiet:
             return
-        m = info["config"]["model"]
-        verb = f"resuming at step {info['step']:,}" if info["resumed"] else "training"
+        m = info.config.model
+        verb = f"resuming at step {info.step:,}" if info.resumed else "training"
         self._print(
-            f"charlm: {verb}: {m['num_layers']}x{m['hidden_size']} {m['cell'].upper()}, "
-            f"{info['params']:,} parameters, {info['vocab_size']} characters; "
-            f"{info['train_chars']:,} train / {info['val_chars']:,} held-out chars; "
-            f"{info['device']} {info['precision']}"
-            + (f" x {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
-            + f"; output {info['out_dir']}/"
+            f"charlm: {verb}: {m.num_layers}x{m.hidden_size} {m.cell.upper()}, "
+            f"{info.params:,} parameters, {info.vocab_size} characters; "
+            f"{info.train_chars:,} train / {info.val_chars:,} held-out chars; "
+            f"{info.device} {info.precision}"
+            + (f" x {info.world_size} processes" if info.world_size > 1 else "")
+            + f"; output {info.out_dir}/"
         )
         if self.tty:
             # A pseudo-terminal may report 0 columns (script, some CI consoles): tqdm would then
             # draw an empty bar, so fall back to a fixed width there.
             wide = _columns(self.stream) > 0
-            self.bar = tqdm(total=info["total_steps"], initial=info["step"], file=self.stream,
+            self.bar = tqdm(total=info.total_steps, initial=info.step, file=self.stream,
                             unit="step", dynamic_ncols=wide, ncols=None if wide else 100,
                             leave=True)
 
@@ -103,28 +100,26 @@ class Reporter(Callbacks):
             self.bar.total = total_steps
             self.bar.refresh()
 
-    def on_step(self, stats: dict[str, Any]) -> None:
-        bpc = stats["bpc"]
+    def on_step(self, stats: StepStats) -> None:
         # Exponential smoothing: per-batch loss is noisy, the trend is what matters.
-        self.smooth = bpc if self.smooth is None else 0.95 * self.smooth + 0.05 * bpc
+        self.smooth = stats.bpc if self.smooth is None else 0.95 * self.smooth + 0.05 * stats.bpc
         if self.bar is None:
             return
         post = {"bpc": f"{self.smooth:.3f}"}
         if self.val is not None:
             post["val"] = f"{self.val:.3f}"
-        post["chars/s"] = f"{stats['chars_per_s']:,.0f}"
-        post["lr"] = f"{stats['lr']:.2e}"
-        if stats["time_cap"] is not None:
-            post["left"] = f"{max(0.0, stats['time_cap'] - stats['elapsed']):.0f}s"
+        post["chars/s"] = f"{stats.chars_per_s:,.0f}"
+        post["lr"] = f"{stats.lr:.2e}"
+        if stats.time_cap is not None:
+            post["left"] = f"{max(0.0, stats.time_cap - stats.elapsed):.0f}s"
         self.bar.set_postfix(post, refresh=False)
-        self.bar.update(stats["step"] - self.bar.n)
+        self.bar.update(stats.step - self.bar.n)
 
-    def on_eval(self, record: dict[str, Any], previews: list[tuple[float, str]]) -> None:
-        self.val = record["val_bpc"]
+    def on_eval(self, record: EvalRecord, previews: list[tuple[float, str]]) -> None:
+        self.val = record.val_bpc
         self._print(
-            f"step {record['step']:,}: train {record['train_bpc']:.3f} bpc, val "
-            f"{record['val_bpc']:.3f} bpc, lr {record['lr']:.2e}, {record['chars']:,} chars, "
-            f"{record['elapsed']:.0f}s"
+            f"step {record.step:,}: train {record.train_bpc:.3f} bpc, val {record.val_bpc:.3f} bpc, "
+            f"lr {record.lr:.2e}, {record.chars:,} chars, {record.elapsed:.0f}s"
         )
         for t, text in previews:
             self._print(f"  --- sample at temperature {t:g} ---\n  " + text.replace("\n", "\n  "))
