@@ -61,8 +61,10 @@ def source_text(source: str | None) -> tuple[str, str]:
     if source:
         return Path(source).read_text(encoding="utf-8"), source
     try:
-        from charlm.corpus import load_corpus
-        return load_corpus(["nltk:state_union"]).text, "nltk:state_union"
+        from charlm.encode import encode_corpus
+
+        enc = encode_corpus(["nltk:state_union"])
+        return enc.vocab.decode(enc.ids.tolist()), "nltk:state_union"
     except Exception:
         files = [REPO / "README.md", *sorted(REPO.glob("docs/*.md")), *sorted(REPO.glob("*/*.py"))]
         files = [p for p in files if p.is_file()]
@@ -92,7 +94,7 @@ def child(corpus: str | None, cache: str, steps: int) -> dict[str, Any]:
 
     from charlm.config import RunConfig
     from charlm.encode import encode_corpus
-    from charlm.train import start
+    from charlm.session import fit
 
     row: dict[str, Any] = {"rss_after_import_mb": peak_rss_mb()}
     if not corpus:
@@ -111,13 +113,13 @@ def child(corpus: str | None, cache: str, steps: int) -> dict[str, Any]:
     row["cache_hit_s"] = round(time.perf_counter() - t0, 3)
     assert not ec2.encoded, "the second encoding was not a cache hit"
     cfg = RunConfig()
-    cfg.train.max_steps = steps
-    cfg.train.eval_interval = 10**9
-    cfg.train.preview_length = 0
-    cfg.train.keep = 0
-    cfg.train.device = "cpu"
+    cfg.session.max_steps = steps
+    cfg.session.eval_interval = 10**9
+    cfg.session.preview_length = 0
+    cfg.session.keep = 0
+    cfg.session.device = "cpu"
     with tempfile.TemporaryDirectory(dir=cache) as out:
-        result = start(cfg, None, Path(out) / "run", corpus=ec2)
+        result = fit(cfg, None, Path(out) / "run", corpus=ec2)
     row.update(train_steps=result.step, train_chars_per_s=round(result.chars_seen / result.elapsed),
                peak_rss_mb=peak_rss_mb())
     return row

@@ -18,12 +18,11 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
-from charlm.config import RunConfig, apply_overrides
+from charlm.config import RunConfig, build_config
 from charlm.encode import encode_corpus
-from charlm.train import start
+from charlm.session import fit
 
 # Each candidate changes a few settings from the defaults; keep the list short enough to
 # screen at --time 1m, then confirm the best few at the real budget.
@@ -64,21 +63,14 @@ def parse_set(items: list[str]) -> dict[str, object]:
 
 
 def config_for(changes: dict[str, object], budget: str, seed: int) -> RunConfig:
-    cfg = RunConfig()
-    model_keys = {f.name for f in fields(cfg.model)}
-    nested: dict[str, dict[str, object]] = {"model": {}, "train": {}}
-    for key, value in changes.items():
-        nested["model" if key in model_keys else "train"][key] = value
-    nested["train"].update({"time": budget, "seed": seed, "preview_length": 0, "keep": 0})
-    apply_overrides(cfg, nested, "benchmark")
-    return cfg.validate()
+    return build_config(None, {**changes, "time": budget, "seed": seed, "preview_length": 0, "keep": 0})
 
 
 def run_one(changes: dict[str, object], budget: str, seed: int, corpus) -> dict[str, object]:
     cfg = config_for(changes, budget, seed)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = start(cfg, None, Path(tmp) / "run", corpus=corpus)
+        result = fit(cfg, None, Path(tmp) / "run", corpus=corpus)
         wall = time.perf_counter() - t0
     return {
         "changes": changes,

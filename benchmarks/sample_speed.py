@@ -7,7 +7,7 @@ machine then slows all three alike):
 - plain: what a user would write, one character per call: `model(x, state)` with x of
   shape (1, 1), softmax, `torch.multinomial`, `.item()` (under `torch.no_grad`);
 - single: charlm's one-stream sampler (`Sampler.generate`), chars/s;
-- batch: charlm's `--num-samples 64` path (`Sampler.generate_batch(64, ...)`), chars/s summed
+- batch: charlm's `--num-samples 64` path (`Sampler.generate_batch` with 64 rows), chars/s summed
   over the 64 rows;
 the medians over rounds, the median per-round ratios single/plain and batch/single, and
 for context the GFLOP/s the batch reaches and an fp32 matrix-product peak measured at the
@@ -38,6 +38,7 @@ import torch
 from charlm.config import ModelConfig
 from charlm.model import CharRNN, flops_per_char
 from charlm.sample import Sampler
+from charlm.sample_options import SampleOptions
 from charlm.vocab import Vocab
 
 VOCAB = 96  # State of the Union has 96 distinct characters
@@ -64,10 +65,10 @@ def charlm_rate(sampler: Sampler, rows: int, steps: int, seed: int) -> float:
     start = time.perf_counter()
     chars = 0
     if rows == 1:
-        for _ in sampler.generate(length=steps, temperature=1.0, seed=seed):
+        for _ in sampler.generate(SampleOptions(length=steps, temperature=1.0, seed=seed)):
             chars += 1
     else:
-        for out in sampler.generate_batch(rows, length=steps, temperature=1.0, seed=seed):
+        for out in sampler.generate_batch(SampleOptions(num_samples=rows, length=steps, temperature=1.0, seed=seed)):
             chars += len(out)
     return chars / (time.perf_counter() - start)
 

@@ -17,16 +17,18 @@ import json
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.budget import TimeBudget
 from charlm.config import RunConfig
 from charlm.device import resolve_device, resolve_precision
+from charlm.events import Callbacks, StepStats
 from charlm.model import flops_per_char
-from charlm.train import Callbacks, Trainer
+from charlm.rundir import RunDir
+from charlm.train import Trainer
 from charlm.vocab import Vocab
 
 VOCAB = 96  # State of the Union has 96 distinct characters
@@ -93,21 +95,21 @@ class _Timer(Callbacks):
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def on_step(self, stats: dict) -> None:
+    def on_step(self, stats: StepStats) -> None:
         self.times.append(time.perf_counter())
 
 
 def trainer_speed(cfg: RunConfig, ids: torch.Tensor, steps: int, device: torch.device) -> float:
     """charlm's Trainer on the same data and shape, timed between step callbacks."""
-    cfg.train.max_steps = steps + 3
-    cfg.train.eval_interval = 10**9  # one evaluation at the very end, outside the timing
-    cfg.train.keep = 0
-    cfg.train.preview_length = 0
+    cfg.session.eval_interval = 10**9  # one evaluation at the very end, outside the timing
+    cfg.session.keep = 0
+    cfg.session.preview_length = 0
     vocab = Vocab("".join(chr(32 + i) for i in range(VOCAB)))
     timer = _Timer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, vocab, ids, {"specs": [], "documents": [], "sha256": ""}, Path(tmp), device)
-        trainer.fit(None, cfg.train.max_steps, timer, lambda: 0)
+        trainer = Trainer(cfg, vocab, ids, {"specs": [], "documents": [], "sha256": ""}, RunDir(tmp), device)
+        budget = TimeBudget(trainer.plan, None, steps + 3, cfg.session.eval_interval, lambda sps: 0.0)
+        trainer.loop(budget, timer, lambda: 0)
     span = timer.times[-1] - timer.times[2]
     return cfg.train.batch_size * cfg.train.seq_len * (len(timer.times) - 3) / span
 
@@ -119,7 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     cfg = RunConfig()
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.session.precision, device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2_000_000,), generator=gen, dtype=torch.uint8)
     big = 4096 if device.type == "cuda" else 1024
