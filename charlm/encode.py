@@ -126,6 +126,16 @@ def _encode(docs: list[Document], specs: list[str], encoding: str | None, progre
     return EncodedCorpus(ids, Vocab(meta["vocab"]), desc, path, encoded, time.perf_counter() - t0)
 
 
+def document_starts(corpus: EncodedCorpus) -> list[int] | None:
+    """Where each of the corpus's documents starts in `corpus.ids`; None for a cache entry
+    written before they were recorded (its ids are still valid, so it is not rebuilt)."""
+    meta = _read_meta(corpus.path.with_suffix(".json"), corpus.path)
+    starts = meta.get("doc_starts") if meta is not None else None
+    if not isinstance(starts, list) or len(starts) != len(corpus.desc["documents"]):
+        return None
+    return [int(s) for s in starts]
+
+
 def _read_meta(meta_path: Path, path: Path) -> dict[str, Any] | None:
     """The cache entry's description, or None when it is missing, foreign or incomplete."""
     try:
@@ -157,16 +167,19 @@ def _build(docs: list[Document], encoding: str | None, folder: Path, path: Path,
         progress("encoding", done, total)
 
     writer = _IdWriter(fh)
+    starts: list[int] = []  # where each document begins in the ids (for `document_starts`)
     try:
         for i, doc in enumerate(docs):
             if i:
                 writer.add(DOC_SEPARATOR)
+            starts.append(writer.count)
             for text in iter_text(doc, encoding, on_read=read):
                 writer.add(text)
         vocab = writer.finish()
         writer.fh.close()
         os.replace(tmp, path)
-        meta = {"format": FORMAT, "chars": writer.count, "dtype": writer.dtype.name, "vocab": vocab}
+        meta = {"format": FORMAT, "chars": writer.count, "dtype": writer.dtype.name, "vocab": vocab,
+                "doc_starts": starts}
         # The description last: an entry without one is incomplete and is rebuilt.
         ckpt_io.write_atomic(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         return meta
