@@ -274,8 +274,12 @@ def sample(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Same seed, same text.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Independent samples, generated as one batch.")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
+    novelty: Annotated[bool, typer.Option("--novelty", help="Then report how much of the text is copied from the training text (on stderr).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (prime, samples, and the --novelty report) instead of streaming text.")] = False,
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout as it is produced."""
+    import io
+
     from charlm.api import load
     from charlm.sample import SampleOptions, parse_temperatures
 
@@ -289,23 +293,29 @@ def sample(
         raise CharLMError(f"--num-samples: must be >= 1, got {num_samples}")
     opts = SampleOptions(length, temps[0], top_k, top_p, prime, seed, stop, unknown).check()
     model = load(checkpoint or default_checkpoint(), device=device)
+    # The index first: a missing or changed training text is reported before sampling.
+    index = _novelty_index(model) if novelty else None
     ids = model.sampler.prime_ids(prime, unknown)
     if unknown == "skip" and len(ids) < len(prime):
         err(f"charlm: warning: dropped prime characters not in the vocabulary: "
             f"{' '.join(repr(c) for c in model.vocab.unknown(prime))}")
     shown_prime = model.vocab.decode(ids) if echo else ""
-    out = sys.stdout
+    out = io.StringIO() if as_json else sys.stdout
+    samples: list[tuple[float, str]] = []
     for t in temps:
         if len(temps) > 1:
             out.write(f"=== temperature {t:g} ===\n")
         options = dict(opts.__dict__, temperature=t)
-        _write_samples(out, model.stream_batch(num_samples, **options), num_samples, shown_prime)
+        texts = _write_samples(out, model.stream_batch(num_samples, **options), num_samples, shown_prime)
+        samples.extend((t, text) for text in texts)
     out.flush()
+    _sample_report(index, shown_prime, samples, as_json)
 
 
-def _write_samples(out: Any, steps: Any, n: int, prime: str) -> None:
-    """Stream sample 1 live; later samples of the batch are printed after it, labelled."""
-    rest: list[list[str]] = [[] for _ in range(n - 1)]
+def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
+    """Stream sample 1 live; later samples of the batch are printed after it, labelled.
+    Returns the generated text of each sample (prime excluded)."""
+    rows: list[list[str]] = [[] for _ in range(n)]
     if n > 1:
         out.write(f"--- sample 1/{n} ---\n")
     out.write(prime)
@@ -314,12 +324,54 @@ def _write_samples(out: Any, steps: Any, n: int, prime: str) -> None:
         if chars[0]:
             out.write(chars[0])
             out.flush()
-        for row in range(1, n):
-            rest[row - 1].append(chars[row])
+        for row in range(n):
+            rows[row].append(chars[row])
     out.write("\n")
-    for row, parts in enumerate(rest, start=2):
+    for row, parts in enumerate(rows[1:], start=2):
         out.write(f"--- sample {row}/{n} ---\n{prime}{''.join(parts)}\n")
     out.flush()
+    return ["".join(parts) for parts in rows]
+
+
+# --- novelty ----------------------------------------------------------------------------------
+
+
+def _novelty_index(model: Any) -> Any:
+    """The training text's index, saying so on stderr when it has to be built (once)."""
+    from charlm.novelty import training_index
+
+    return training_index(model, on_build=lambda: err(
+        "charlm: indexing the training text for the novelty report; later runs skip this"))
+
+
+def _sample_report(index: Any, prime: str, samples: list[tuple[float, str]], as_json: bool) -> None:
+    """After `charlm sample`: the novelty report on stderr, or everything as one JSON object."""
+    from charlm.novelty import format_report, novelty_report
+
+    report = novelty_report(index, [text for _, text in samples]) if index is not None else None
+    if as_json:
+        data: dict[str, Any] = {"prime": prime, "samples": [{"temperature": t, "text": text} for t, text in samples]}
+        if report is not None:
+            data["novelty"] = report
+        print(json.dumps(data, ensure_ascii=False))
+    elif report is not None:
+        err(format_report(report))
+
+
+@app.command("novelty")
+@handle_errors
+def novelty_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose training text to compare with.")],
+    file: Annotated[Path, typer.Argument(help="UTF-8 text file to check (e.g. saved samples).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """How much of FILE is copied verbatim from the checkpoint's training text."""
+    from charlm.api import load
+    from charlm.novelty import format_report, novelty_report, read_text_file
+
+    text = read_text_file(file)
+    report = novelty_report(_novelty_index(load(checkpoint)), [text])
+    print(json.dumps(report, ensure_ascii=False) if as_json else format_report(report))
 
 
 # --- eval / info / plot -----------------------------------------------------------------------

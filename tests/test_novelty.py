@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
+from typer.testing import CliRunner
 
+from charlm.cli import app
 from charlm.corpus import DOC_SEPARATOR
 from charlm.data import split
 from charlm.encode import encode_corpus
@@ -246,3 +249,144 @@ def test_an_old_corpus_cache_entry_reports_only_the_offset(tmp_path):
     assert (span["length"], span["document"], span["document_offset"]) == (50, None, None)
     assert span["training_offset"] == 1000 + len(DOC_SEPARATOR) + 100
     assert "from training character 1,102:" in format_report(report)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def novelty_run(tmp_path_factory, _one_thread) -> tuple[Path, dict[str, str]]:
+    """A tiny run on two documents of random letters (every 40-character span is unique)."""
+    base = tmp_path_factory.mktemp("novelty")
+    docs = {"a.txt": random_text(1, 3000), "b.txt": random_text(2, 3000)}
+    folder = base / "docs"
+    folder.mkdir()
+    for name, text in docs.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    out = base / "run"
+    res = CliRunner().invoke(app, ["train", str(folder), "--out", str(out), "--max-steps", "5", *TINY])
+    assert res.exit_code == 0, res.output
+    return out / "latest.pt", docs
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_novelty_command_finds_a_copied_passage(novelty_run, tmp_path):
+    ckpt, docs = novelty_run
+    sample = tmp_path / "sample.txt"
+    sample.write_text(docs["a.txt"][500:540], encoding="utf-8")
+    res = invoke("novelty", ckpt, sample)
+    assert res.exit_code == 0, res.output
+    where = str((ckpt.parent.parent / "docs" / "a.txt").resolve())
+    assert res.stdout.splitlines() == [
+        "novelty: 40 characters in 1 sample checked against 5,702 training characters",
+        f'  longest copied span: 40 characters, from {where} at character 500: "{docs["a.txt"][500:540]}"',
+        "  novel 8-grams: 0.0% (0 of 33)",
+        "  novel 16-grams: 0.0% (0 of 25)",
+        "  novel 32-grams: 0.0% (0 of 9)",
+    ]
+    data = json.loads(invoke("novelty", ckpt, sample, "--json").stdout)
+    assert data["longest_span"]["length"] == 40 and data["longest_span"]["document"] == where
+    assert data["longest_span"]["document_offset"] == 500 and data["training_chars"] == 5702
+    assert data["index"]["built"] is False  # the first call built it; this one reused it
+
+
+def test_novelty_command_on_the_held_out_tail(novelty_run, tmp_path):
+    ckpt, docs = novelty_run
+    sample = tmp_path / "tail.txt"
+    tail = docs["b.txt"][-200:]  # inside the held-out 5 %
+    sample.write_text(tail, encoding="utf-8")
+    data = json.loads(invoke("novelty", ckpt, sample, "--json").stdout)
+    train = docs["a.txt"] + DOC_SEPARATOR + docs["b.txt"]
+    assert data["longest_span"]["length"] == max(brute_longest(train[:5702], tail))
+
+
+def test_sample_novelty_prints_the_report_on_stderr(novelty_run):
+    ckpt, _ = novelty_run
+    res = invoke("sample", "-c", ckpt, "--length", "300", "--seed", "3", "--no-echo", "--novelty")
+    assert res.exit_code == 0, res.output
+    text = res.stdout[:-1]
+    assert len(text) == 300
+    from charlm.api import load
+    from charlm.novelty import training_index
+
+    expected = format_report(novelty_report(training_index(load(ckpt)), [text]))
+    assert res.stderr.strip().splitlines()[-5:] == expected.splitlines()
+    assert expected.startswith("novelty: 300 characters in 1 sample checked against 5,702")
+
+
+def test_sample_novelty_json(novelty_run):
+    ckpt, _ = novelty_run
+    res = invoke("sample", "-c", ckpt, "--length", "80", "--seed", "4", "--num-samples", "2",
+                 "--temperature", "0.5,1", "--prime", "ab", "--novelty", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["prime"] == "ab"
+    assert [s["temperature"] for s in data["samples"]] == [0.5, 0.5, 1.0, 1.0]
+    assert all(len(s["text"]) == 80 for s in data["samples"])
+    assert data["novelty"]["samples"] == 4 and data["novelty"]["chars"] == 320
+    assert data["novelty"]["ngrams"]["8"]["total"] == 4 * 73
+    plain = invoke("sample", "-c", ckpt, "--length", "80", "--seed", "4", "--num-samples", "2",
+                   "--temperature", "0.5,1", "--prime", "ab", "--json")
+    assert json.loads(plain.stdout) == {k: v for k, v in data.items() if k != "novelty"}
+
+
+def _one_line_error(res, *needles: str) -> None:
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert isinstance(res.exception, SystemExit), res.exception
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("case", ["missing", "not-utf8", "empty", "folder"])
+def test_novelty_bad_file(novelty_run, tmp_path, case):
+    ckpt, _ = novelty_run
+    path = tmp_path / "f.txt"
+    if case == "not-utf8":
+        path.write_bytes(b"abc\xff\xfe")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "folder":
+        path.mkdir()
+    res = invoke("novelty", ckpt, path)
+    _one_line_error(res, str(path), {"missing": "no such file", "not-utf8": "not valid UTF-8 at byte 3",
+                                     "empty": "empty", "folder": "folder"}[case])
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt"])
+def test_novelty_bad_checkpoint(tmp_path, case):
+    sample = tmp_path / "s.txt"
+    sample.write_text("abc", encoding="utf-8")
+    ckpt = tmp_path / "model.pt"
+    if case == "corrupt":
+        ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    _one_line_error(invoke("novelty", ckpt, sample), str(ckpt))
+
+
+@pytest.mark.parametrize("case", ["changed", "gone"])
+def test_training_text_changed_or_gone(tmp_path, case):
+    corpus = tmp_path / "speech.txt"
+    corpus.write_text(random_text(9, 2000), encoding="utf-8")
+    res = invoke("train", corpus, "--out", tmp_path / "run", "--max-steps", "3", *TINY)
+    assert res.exit_code == 0, res.output
+    ckpt = tmp_path / "run" / "latest.pt"
+    sample = tmp_path / "s.txt"
+    sample.write_text("abcdefgh", encoding="utf-8")
+    assert invoke("novelty", ckpt, sample).exit_code == 0
+    if case == "changed":
+        corpus.write_text(random_text(10, 2000), encoding="utf-8")
+    else:
+        corpus.unlink()
+    cache = Path(os.environ["CHARLM_CACHE_DIR"])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir())
+    needle = "corpus changed" if case == "changed" else "no such file"
+    _one_line_error(invoke("novelty", ckpt, sample), str(corpus) if case == "gone" else str(ckpt), needle)
+    res = invoke("sample", "-c", ckpt, "--length", "20", "--novelty")
+    _one_line_error(res, needle)
+    assert res.stdout == ""  # refused before sampling
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()) == before
