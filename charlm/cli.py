@@ -11,6 +11,7 @@ import inspect
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import typer
 
 from charlm import __version__
 from charlm.config import ModelConfig, SessionConfig, TrainConfig
-from charlm.errors import CharLMError, PeerFailed, TrainingInterrupted
+from charlm.errors import CharLMError, CharLMWarning, PeerFailed, TrainingInterrupted
 from charlm.events import Callbacks, TrainResult
 from charlm.sample_options import SampleOptions, parse_temperatures
 
@@ -61,7 +62,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", CharLMWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except PeerFailed:
             raise typer.Exit(2) from None  # the process that failed printed the error
         except CharLMError as exc:
@@ -83,6 +87,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(0) from None
 
     return wrapper
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A library warning as one line (rank 0 alone under torchrun: every rank sees the same)."""
+    if _rank() == 0:
+        err(f"charlm: warning: {message}")
 
 
 def _silence_stdout() -> None:
@@ -283,9 +293,16 @@ def sample(
     prime_file: Annotated[Optional[Path], typer.Option("--prime-file", help="Read the prime from a file.")] = None,
     echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prime before the continuation.")] = True,
     device: DeviceOpt = "cpu",
+    novelty: Annotated[bool, typer.Option(
+        "--novelty", help="Then report how much of the text is copied from the training text (on stderr).")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object (prime, samples, and the --novelty report) instead of streaming text.")
+    ] = False,
     **options: Any,
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout as it is produced."""
+    import io
+
     from charlm.api import load
 
     temps = parse_temperatures(temperature)
@@ -296,22 +313,28 @@ def sample(
             raise CharLMError(f"--prime-file {prime_file}: cannot read: {exc}") from None
     opts = SampleOptions(**options).check()
     model = load(checkpoint or default_checkpoint(), device=device)
+    # The index first: a missing or changed training text is reported before sampling.
+    index = _novelty_index(model) if novelty else None
     ids = model.sampler.prime_ids(opts.prime, opts.unknown)
     if opts.unknown == "skip" and len(ids) < len(opts.prime):
         err(f"charlm: warning: dropped prime characters not in the vocabulary: "
             f"{' '.join(repr(c) for c in model.vocab.unknown(opts.prime))}")
     shown_prime = model.vocab.decode(ids) if echo else ""
-    out = sys.stdout
+    out = io.StringIO() if as_json else sys.stdout
+    samples: list[tuple[float, str]] = []
     for t in temps:
         if len(temps) > 1:
             out.write(f"=== temperature {t:g} ===\n")
-        _write_samples(out, model.stream_batch(replace(opts, temperature=t)), opts.num_samples, shown_prime)
+        texts = _write_samples(out, model.stream_batch(replace(opts, temperature=t)), opts.num_samples, shown_prime)
+        samples.extend((t, text) for text in texts)
     out.flush()
+    _sample_report(index, shown_prime, samples, as_json)
 
 
-def _write_samples(out: Any, steps: Any, n: int, prime: str) -> None:
-    """Stream sample 1 live; later samples of the batch are printed after it, labelled."""
-    rest: list[list[str]] = [[] for _ in range(n - 1)]
+def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
+    """Stream sample 1 live; later samples of the batch are printed after it, labelled.
+    Returns the generated text of each sample (prime excluded)."""
+    rows: list[list[str]] = [[] for _ in range(n)]
     if n > 1:
         out.write(f"--- sample 1/{n} ---\n")
     out.write(prime)
@@ -320,12 +343,54 @@ def _write_samples(out: Any, steps: Any, n: int, prime: str) -> None:
         if chars[0]:
             out.write(chars[0])
             out.flush()
-        for row in range(1, n):
-            rest[row - 1].append(chars[row])
+        for row in range(n):
+            rows[row].append(chars[row])
     out.write("\n")
-    for row, parts in enumerate(rest, start=2):
+    for row, parts in enumerate(rows[1:], start=2):
         out.write(f"--- sample {row}/{n} ---\n{prime}{''.join(parts)}\n")
     out.flush()
+    return ["".join(parts) for parts in rows]
+
+
+# --- novelty ----------------------------------------------------------------------------------
+
+
+def _novelty_index(model: Any) -> Any:
+    """The training text's index, saying so on stderr when it has to be built (once)."""
+    from charlm.novelty import training_index
+
+    return training_index(model, on_build=lambda: err(
+        "charlm: indexing the training text for the novelty report; later runs skip this"))
+
+
+def _sample_report(index: Any, prime: str, samples: list[tuple[float, str]], as_json: bool) -> None:
+    """After `charlm sample`: the novelty report on stderr, or everything as one JSON object."""
+    from charlm.novelty import format_report, novelty_report
+
+    report = novelty_report(index, [text for _, text in samples]) if index is not None else None
+    if as_json:
+        data: dict[str, Any] = {"prime": prime, "samples": [{"temperature": t, "text": text} for t, text in samples]}
+        if report is not None:
+            data["novelty"] = report
+        print(json.dumps(data, ensure_ascii=False))
+    elif report is not None:
+        err(format_report(report))
+
+
+@app.command("novelty")
+@handle_errors
+def novelty_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose training text to compare with.")],
+    file: Annotated[Path, typer.Argument(help="UTF-8 text file to check (e.g. saved samples).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """How much of FILE is copied verbatim from the checkpoint's training text."""
+    from charlm.api import load
+    from charlm.novelty import format_report, novelty_report, read_text_file
+
+    text = read_text_file(file)
+    report = novelty_report(_novelty_index(load(checkpoint)), [text])
+    print(json.dumps(report, ensure_ascii=False) if as_json else format_report(report))
 
 
 # --- eval / info / plot -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 from charlm import checkpoint as ckpt_io
 from charlm.corpus import DOC_SEPARATOR, Document, check_encoding, iter_bytes, iter_text, resolve, resolve_all, size_of
-from charlm.errors import CharLMError
+from charlm.errors import CharLMError, CharLMWarning
 from charlm.vocab import Vocab
 
 FORMAT = 1  # bump when the cache layout or the key changes
@@ -54,6 +55,7 @@ class EncodedCorpus:
     encoded: bool  # False when the cache already held it
     seconds: float  # time spent hashing (and encoding, when it was not cached)
     sources_gone: bool = False  # reopened from the cache alone: the files are no longer there
+    doc_starts: list[int] | None = None  # where each document starts in `ids` (None: not recorded)
 
 
 def default_cache_dir() -> Path:
@@ -89,11 +91,13 @@ def reopen_corpus(desc: dict[str, Any], checkpoint: Path, vocab: str, *,
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         docs = [doc for source in desc["documents"] for doc in resolve(source)]
-    except CharLMError:
+    except CharLMError as gone:
         corpus = _open(folder, desc["sha256"], desc, encoded=False, seconds=0.0)
         if corpus is None:
             raise
         corpus.sources_gone = True
+        warnings.warn(f"{gone}; using the run's corpus ids from the cache ({corpus.path})", CharLMWarning,
+                      stacklevel=2)
     else:
         corpus = _encode(docs, list(desc["specs"]), desc.get("encoding") or None,
                          progress or _no_progress, folder, expect=(desc["sha256"], checkpoint))
@@ -144,7 +148,11 @@ def _open(folder: Path, key: str, desc: dict[str, Any], encoded: bool, seconds: 
     if meta is None:
         return None
     ids = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["chars"],))
-    return EncodedCorpus(ids, Vocab(meta["vocab"]), {**desc, "chars": meta["chars"]}, path, encoded, seconds)
+    starts = meta.get("doc_starts")  # not recorded by older cache entries (still valid ids)
+    if not isinstance(starts, list) or len(starts) != len(desc["documents"]):
+        starts = None
+    return EncodedCorpus(ids, Vocab(meta["vocab"]), {**desc, "chars": meta["chars"]}, path, encoded, seconds,
+                         doc_starts=starts)
 
 
 def _read_meta(meta_path: Path, path: Path) -> dict[str, Any] | None:
@@ -178,16 +186,19 @@ def _build(docs: list[Document], encoding: str | None, folder: Path, path: Path,
         progress("encoding", done, total)
 
     writer = _IdWriter(fh)
+    starts: list[int] = []  # where each document begins in the ids
     try:
         for i, doc in enumerate(docs):
             if i:
                 writer.add(DOC_SEPARATOR)
+            starts.append(writer.count)
             for text in iter_text(doc, encoding, on_read=read):
                 writer.add(text)
         vocab = writer.finish()
         writer.fh.close()
         os.replace(tmp, path)
-        meta = {"format": FORMAT, "chars": writer.count, "dtype": writer.dtype.name, "vocab": vocab}
+        meta = {"format": FORMAT, "chars": writer.count, "dtype": writer.dtype.name, "vocab": vocab,
+                "doc_starts": starts}
         # The description last: an entry without one is incomplete and is rebuilt.
         ckpt_io.write_atomic(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         return meta

@@ -7,6 +7,11 @@ class CharLMError(Exception):
     """Bad input or an unusable file: the CLI prints the message on one line and exits 2."""
 
 
+class CharLMWarning(UserWarning):
+    """Something the user should know that does not stop the command (issued with
+    `warnings.warn`; the CLI prints it as one `charlm: warning:` line)."""
+
+
 class PeerFailed(CharLMError):
     """Another torchrun process stopped on a `CharLMError` (and printed it); this one stops
     too, with exit code 2 and no message of its own, so the user reads the error once."""

@@ -157,8 +157,6 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
         d.all_or_none(lambda: _raise(refusal))
         callbacks = _for_rank(callbacks or Callbacks(), d)
         corpus = d.local_first(lambda: reopen_corpus(ck.corpus, path, ck.vocab, progress=callbacks.on_progress))
-        if corpus.sources_gone:
-            callbacks.on_message(f"the corpus files are gone; using their ids from the cache ({corpus.path})")
         run_dir = RunDir(path.parent)
         trainer = Trainer(plan.cfg, corpus.vocab, corpus.ids, ck.corpus, run_dir, device, d)
         trainer.load(ck)

@@ -14,7 +14,7 @@ from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 from charlm import corpus as corpus_mod
 from charlm.corpus import DOC_SEPARATOR
 from charlm.encode import _IdWriter, encode_corpus, reopen_corpus
-from charlm.errors import CharLMError
+from charlm.errors import CharLMError, CharLMWarning
 from charlm.vocab import Vocab
 
 
@@ -135,7 +135,8 @@ def test_reopen_uses_the_cache_when_the_files_are_gone(tmp_path: Path):
     path.write_text(TEXT, encoding="utf-8")
     enc = encode_corpus([str(path)], cache_dir=tmp_path / "cache")
     path.unlink()
-    again = reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars, cache_dir=tmp_path / "cache")
+    with pytest.warns(CharLMWarning, match="c.txt: no such file.*from the cache"):
+        again = reopen_corpus(enc.desc, tmp_path / "latest.pt", enc.vocab.chars, cache_dir=tmp_path / "cache")
     assert again.sources_gone and decode(again) == TEXT
     # Neither the files nor the cache: the missing file is named.
     with pytest.raises(CharLMError, match="no such file"):
