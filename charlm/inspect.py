@@ -50,7 +50,7 @@ PROPERTIES = {
     "line_position": "position in the line (characters since the newline)",
     "word_start": "first character of a word",
     "after_newline": "just after a newline (only spaces read since)",
-    "after_sentence_end": "just after . ! or ? (only spaces, quotes, brackets since)",
+    "after_sentence_end": "just after . ! or ? (only spaces, newlines, closing quotes or brackets since)",
     "in_number": "inside a number (digits, with . or , between digits)",
     "indent_depth": "indentation of the line (leading spaces; a tab counts 4)",
 }
@@ -327,22 +327,22 @@ def text_properties(text: str) -> dict[str, np.ndarray]:
             depth += 1
         elif ch in ")]}":
             depth = max(0, depth - 1)
+        nxt = text[p + 1] if p + 1 < n else ""
         if ch == "\n":
             column, indent, leading = 0, 0, True
-            after_nl, after_end = True, False
+            after_nl = True
         else:
             column += 1
             if leading and ch in " \t":
                 indent += 4 if ch == "\t" else 1
             else:
                 leading = False
-            if ch in ".!?":
-                after_end = True
-            elif not (ch.isspace() or ch in "\"')]}\u201d\u2019"):
-                after_end = False
             if not ch.isspace():
                 after_nl = False
-        nxt = text[p + 1] if p + 1 < n else ""
+        if ch in ".!?" and not (prev.isdigit() and nxt.isdigit()):  # not a decimal point
+            after_end = True
+        elif not (ch.isspace() or ch in "\"')]}\u201d\u2019"):
+            after_end = False
         props["in_quotes"][p] = in_quote
         props["in_brackets"][p] = depth > 0
         props["line_position"][p] = column

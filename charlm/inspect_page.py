@@ -37,8 +37,8 @@ def _b64(a: np.ndarray) -> str:
 
 def quantize(values: np.ndarray, kind: str, levels: int, h_range: tuple[float, float] | None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Map (M, H) activations to integer codes 0..levels-1 per unit, with each unit's lowest
-    value `lo` and step: value = lo + code * step.
+    """Map (M, H) activations to integer codes (at most `levels` of them) per unit, with each
+    unit's lowest value `lo` and step: value = lo + code * step.
 
     Gates use [0, 1] and tanh outputs [-1, 1] (`h_range` for h: [-1, 1] for LSTM/GRU/tanh
     RNN), so colours compare across units; c and ReLU states are scaled to each unit's range.
@@ -52,8 +52,10 @@ def quantize(values: np.ndarray, kind: str, levels: int, h_range: tuple[float, f
         mag = np.abs(values).max(axis=0).astype(np.float64)
         mag = np.where(mag > 0, mag, 1.0)
         lo, hi = -mag, mag
-    step = (hi - lo) / (levels - 1)
-    codes = np.rint((values - lo) / step).clip(0, levels - 1)
+    # An odd number of levels on a range symmetric around 0 keeps 0 a level (white).
+    n = levels - 1 if levels % 2 == 0 and np.all(lo == -hi) else levels
+    step = (hi - lo) / (n - 1)
+    codes = np.rint((values - lo) / step).clip(0, n - 1)
     return codes.astype(np.uint8), lo, step
 
 
@@ -108,8 +110,8 @@ def page_data(ins: Inspection, levels: int = DEFAULT_LEVELS,
 
 
 def _sig(v: float) -> float:
-    """4 significant digits: enough for a colour scale, a fraction of the digits of repr."""
-    return float(f"{float(v):.4g}") if math.isfinite(v) else 0.0
+    """7 significant digits (float32 precision), not the 17 of repr."""
+    return float(f"{float(v):.7g}") if math.isfinite(v) else 0.0
 
 
 def render(ins: Inspection, levels: int = DEFAULT_LEVELS, initial: dict[str, Any] | None = None) -> str:
