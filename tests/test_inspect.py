@@ -335,6 +335,29 @@ def test_max_chars_cuts_the_text(run, tmp_path):
     assert data["text"] == TEXT[:100] and data["scored"] == 99 and data["meta"]["source"] == "--text"
 
 
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_gru_and_rnn_pages(cell, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    out = tmp_path / "run"
+    assert invoke("train", corpus, "--out", out, "--max-steps", 2, "--cell", cell, *FLAGS).exit_code == 0
+    html, npz = tmp_path / "p.html", tmp_path / "p.npz"
+    res = invoke("inspect", out / "best.pt", "--text", CORPUS[-300:], "--html", html, "--npz", npz,
+                 "--kind", KINDS[cell][-1])
+    assert res.exit_code == 0, res.output
+    data = page_json(html.read_text(encoding="utf-8"))
+    assert data["cell"] == cell and data["kinds"] == list(KINDS[cell])
+    assert data["initial"] == {"unit": [0, KINDS[cell][-1], 0]}
+    z = np.load(npz)
+    assert {f"{k}{layer}" for layer in range(LAYERS) for k in KINDS[cell]} <= set(z.files)
+    assert "c0" not in z.files
+    for (layer, kind), values in page_states(data).items():
+        step = np.array(data["scale"][f"{layer}{kind}"][1])
+        assert np.all(np.abs(values - z[f"{kind}{layer}"]) <= step / 2 * 1.001 + 1e-6)
+    one_line_error(invoke("inspect", out / "best.pt", "--text", "abc", "--kind", "c", "--html", html),
+                   f"--kind c: a {cell.upper()} has {', '.join(KINDS[cell])}")
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
