@@ -26,8 +26,15 @@ from pathlib import Path
 import torch
 
 import charlm
-from charlm.inspect import (find_units, inspect_text, load_text, score, text_properties,
-                            trace_states, write_npz)
+from charlm.inspect import (
+    find_units,
+    inspect_text,
+    load_text,
+    score,
+    text_properties,
+    trace_states,
+    write_npz,
+)
 from charlm.inspect_page import page_data, render
 
 
