@@ -78,6 +78,17 @@ class CharLM:
         return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
                 "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
 
+    def held_out_text(self, max_chars: int) -> str:
+        """Up to `max_chars` characters of the run's own held-out text (the text `charlm
+        eval` scores by default), starting at the first line break of its first 1,000
+        characters so the passage opens at the start of a line."""
+        corpus = self.run_corpus()
+        val = split(corpus.ids, self.config.train.val_fraction).val
+        head = corpus.vocab.decode(val[: max_chars + 1000].tolist())
+        newline = head.find("\n", 0, 1000)
+        start = newline + 1 if 0 <= newline < len(head) - 1 else 0
+        return head[start : start + max_chars]
+
     def info(self) -> dict[str, Any]:
         """What the checkpoint holds: config, sizes, progress and corpus."""
         ck = self.checkpoint

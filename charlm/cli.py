@@ -405,10 +405,22 @@ def eval_cmd(
     encoding: EncodingOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
+    by_char: Annotated[bool, typer.Option("--by-char", help="Print JSON with every character's bits: the text read as one sequence from a fresh state, as `charlm inspect` reads it (default text: the passage inspect shows).")] = False,
 ) -> None:
     """Bits per character of a checkpoint on held-out text."""
     from charlm.api import load
 
+    if by_char:
+        from charlm.inspect import by_char as per_char
+        from charlm.inspect import load_text
+
+        lm = load(checkpoint, device=device)
+        result = per_char(lm, *load_text(lm, corpus, None, encoding))
+        if result["skipped_chars"]:
+            err(f"charlm: warning: {result['skipped_chars']} characters not in the vocabulary were "
+                "left out of the score")
+        print(json.dumps(result, ensure_ascii=False))
+        return
     result = load(checkpoint, device=device).evaluate(corpus, encoding)
     if result["skipped_chars"]:
         err(f"charlm: warning: {result['skipped_chars']} characters not in the vocabulary were "
@@ -462,6 +474,39 @@ def plot(
 
     path = plot_run(run_dir)
     print(path)
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to look inside.")],
+    text_file: Annotated[Optional[Path], typer.Argument(help="Text to read (default: a stretch of the run's own held-out text).", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Read this text instead of a file.")] = None,
+    html: Annotated[Path, typer.Option("--html", help="The page to write: one self-contained HTML file.")] = Path("inspect.html"),
+    npz: Annotated[Optional[Path], typer.Option("--npz", help="Also write the per-character states, probabilities and characters (numpy .npz).")] = None,
+    max_chars: Annotated[int, typer.Option("--max-chars", help="Read at most this many characters of the text.")] = 5000,
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Open the page on this layer's unit (0 = first layer).")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="... of this kind: h, c, i, f, g, o (LSTM); h, r, z, n (GRU); h (RNN).")] = None,
+    unit: Annotated[Optional[int], typer.Option("--unit", help="... and this unit number (0 = first).")] = None,
+    levels: Annotated[int, typer.Option("--levels", help="Activation values kept per unit on the page (2-256; more is sharper and bigger).")] = 16,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of TEXT_FILE (default: strict UTF-8).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
+) -> None:
+    """Write an HTML page showing the model's surprisal, predictions and units on a text."""
+    from charlm.api import load
+    from charlm.inspect import check_options, inspect_text, load_text, write_npz
+    from charlm.inspect_page import write_page
+
+    lm = load(checkpoint, device=device)
+    initial = check_options(lm.model.cfg, layer, kind, unit, levels, max_chars)
+    ins = inspect_text(lm, *load_text(lm, [str(text_file)] if text_file else None, text, encoding), max_chars=max_chars)
+    if ins.meta["chars_total"] > max_chars:
+        err(f"charlm: read the first {max_chars:,} of {ins.meta['chars_total']:,} characters (--max-chars)")
+    if ins.scores.skipped:
+        err(f"charlm: warning: {ins.scores.skipped} characters not in the vocabulary are shown unscored")
+    print(write_page(html, ins, levels, initial))
+    if npz is not None:
+        print(write_npz(npz, ins))
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
