@@ -15,6 +15,7 @@ of the text. Nothing here prints; `charlm.inspect_page` draws the result as HTML
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +107,10 @@ def load_text(lm: CharLM, specs: list[str] | None = None, text: str | None = Non
     if text is not None:
         source = "--text"
     elif specs:
-        from charlm.corpus import load_corpus
+        from charlm.encode import encode_corpus
 
-        text = load_corpus(list(specs), encoding).text
+        corpus = encode_corpus(list(specs), encoding)  # read as training reads text (and cached)
+        text = corpus.vocab.decode(corpus.ids.tolist())
         source = ", ".join(specs)
     else:
         try:
@@ -133,7 +135,8 @@ def check_options(cfg: ModelConfig, layer: int | None = None, kind: str | None =
     """Refuse a --layer / --kind / --unit the model does not have, or a bad --levels /
     --max-chars (before any work); returns the page's initial view ({} or {"unit": ...})."""
     if layer is not None and not 0 <= layer < cfg.num_layers:
-        raise CharLMError(f"--layer {layer}: the model has {cfg.num_layers} layer(s), numbered 0 to {cfg.num_layers - 1}")
+        raise CharLMError(f"--layer {layer}: the model has {cfg.num_layers} layer(s), "
+                          f"numbered 0 to {cfg.num_layers - 1}")
     if kind is not None and kind not in KINDS[cfg.cell]:
         raise CharLMError(f"--kind {kind}: a {cfg.cell.upper()} has {', '.join(KINDS[cfg.cell])}")
     if unit is not None and not 0 <= unit < cfg.hidden_size:

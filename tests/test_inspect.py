@@ -30,6 +30,7 @@ from conftest import TEXT, tiny_flags
 from typer.testing import CliRunner
 
 import charlm
+from charlm import checkpoint
 from charlm.cli import app
 from charlm.config import ModelConfig
 from charlm.inspect import KINDS, trace_states
@@ -39,8 +40,7 @@ from charlm.units import PROPERTIES, UnitMatch, correlations, find_units, text_p
 # A corpus with quotes, brackets and numbers, so the page has every property to look for.
 CORPUS = TEXT + 'He said "we will build (and we did) 1,250 homes" in 1945.\n' * 20
 # Two layers, so that layer numbers are tested too.
-FLAGS = [*tiny_flags(num_layers=2), "--no-preview", "--quiet"]
-FLAGS[FLAGS.index("--hidden-size") + 1] = "16"
+FLAGS = [*tiny_flags(num_layers=2, hidden_size=16), "--no-preview", "--quiet"]
 STEPS = 25
 HIDDEN, LAYERS = 16, 2
 # A short text (one eval row) with an unknown character in the middle and at the start.
@@ -142,7 +142,8 @@ def test_states_equal_pytorch(cell):
         np.testing.assert_allclose(s["c"], s["f"] * prev_c + s["i"] * s["g"], atol=1e-5)
         np.testing.assert_allclose(s["h"], s["o"] * np.tanh(s["c"]), atol=1e-6)
         x0 = model.embed(ids[:1]).detach().numpy()[0]
-        pre = model.rnn.weight_ih_l0.detach().numpy() @ x0 + (model.rnn.bias_ih_l0 + model.rnn.bias_hh_l0).detach().numpy()
+        bias = (model.rnn.bias_ih_l0 + model.rnn.bias_hh_l0).detach().numpy()
+        pre = model.rnn.weight_ih_l0.detach().numpy() @ x0 + bias
         np.testing.assert_allclose(s["i"][0], 1 / (1 + np.exp(-pre[:12])), atol=1e-6)
         np.testing.assert_allclose(s["g"][0], np.tanh(pre[24:36]), atol=1e-6)
     if cell == "gru":
@@ -402,6 +403,11 @@ def test_default_text_needs_the_corpus(run, tmp_path):
     out = tmp_path / "run"
     assert invoke("train", corpus, "--out", out, "--max-steps", 2, *FLAGS).exit_code == 0
     corpus.unlink()
+    # The corpus cache still holds the text's ids: the held-out passage comes from there.
+    res = invoke("inspect", out / "best.pt", "--html", tmp_path / "p.html")
+    assert res.exit_code == 0 and "gone.txt: no such file" in res.stderr and "from the cache" in res.stderr
+    for p in Path(os.environ["CHARLM_CACHE_DIR"]).glob(checkpoint.load(out / "best.pt").corpus["sha256"] + ".*"):
+        p.unlink()
     one_line_error(invoke("inspect", out / "best.pt", "--html", tmp_path / "p.html"),
                    "gone.txt", "pass a TEXT_FILE or --text")
     assert invoke("inspect", out / "best.pt", "--text", TEXT[:300], "--html", tmp_path / "p.html").exit_code == 0

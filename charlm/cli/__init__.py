@@ -1,0 +1,15 @@
+"""Command-line interface: parses options, calls one library function, prints, picks the
+exit code. This package is the only place that prints or picks exit codes.
+
+    app.py         the Typer app, errors -> one line + exit code, derived options, main()
+    training.py    train, resume
+    generation.py  sample, novelty
+    reading.py     eval, info, plot, inspect
+"""
+
+from __future__ import annotations
+
+from charlm.cli import generation, reading, training  # noqa: F401  (each registers its commands)
+from charlm.cli.app import app, err, handle_errors, main
+
+__all__ = ["app", "err", "handle_errors", "main"]

@@ -1,0 +1,137 @@
+"""`charlm sample` and `charlm novelty`: text from a model, and how much of it is copied."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from charlm.cli.app import DEFAULT_OUT, DeviceOpt, app, derived_options, err, handle_errors
+from charlm.errors import CharLMError
+from charlm.sample_options import SampleOptions, parse_temperatures
+
+
+def default_checkpoint() -> Path:
+    for name in ("best.pt", "latest.pt"):
+        if (DEFAULT_OUT / name).exists():
+            return DEFAULT_OUT / name
+    raise CharLMError(f"no checkpoint given and none in {DEFAULT_OUT}/ (train one with `charlm train`, "
+                      "or pass --checkpoint FILE)")
+
+
+@app.command()
+@handle_errors
+@derived_options(SampleOptions, skip=("temperature",), unset=False)
+def sample(
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="Checkpoint (default: checkpoints/best.pt, else latest.pt).")] = None,
+    # Not derived from SampleOptions.temperature: the command takes a comma list.
+    temperature: Annotated[str, typer.Option(
+        "--temperature", "-t", help="Sampling temperature; 0 = greedy; a comma list gives one sample each.")] = "1.0",
+    prime_file: Annotated[Optional[Path], typer.Option("--prime-file", help="Read the prime from a file.")] = None,
+    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prime before the continuation.")] = True,
+    device: DeviceOpt = "cpu",
+    novelty: Annotated[bool, typer.Option(
+        "--novelty", help="Then report how much of the text is copied from the training text (on stderr).")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object (prime, samples, and the --novelty report) instead of streaming text.")
+    ] = False,
+    **options: Any,
+) -> None:
+    """Generate text from a checkpoint, streamed to stdout as it is produced."""
+    import io
+
+    from charlm.api import load
+
+    temps = parse_temperatures(temperature)
+    if prime_file is not None:
+        try:
+            options["prime"] = prime_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CharLMError(f"--prime-file {prime_file}: cannot read: {exc}") from None
+    opts = SampleOptions(**options).check()
+    model = load(checkpoint or default_checkpoint(), device=device)
+    # The index first: a missing or changed training text is reported before sampling.
+    index = _novelty_index(model) if novelty else None
+    ids = model.sampler.prime_ids(opts.prime, opts.unknown)
+    if opts.unknown == "skip" and len(ids) < len(opts.prime):
+        err(f"charlm: warning: dropped prime characters not in the vocabulary: "
+            f"{' '.join(repr(c) for c in model.vocab.unknown(opts.prime))}")
+    shown_prime = model.vocab.decode(ids) if echo else ""
+    out = io.StringIO() if as_json else sys.stdout
+    samples: list[tuple[float, str]] = []
+    for t in temps:
+        if len(temps) > 1:
+            out.write(f"=== temperature {t:g} ===\n")
+        texts = _write_samples(out, model.stream_batch(replace(opts, temperature=t)), opts.num_samples, shown_prime)
+        samples.extend((t, text) for text in texts)
+    out.flush()
+    _sample_report(index, shown_prime, samples, as_json)
+
+
+def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
+    """Stream sample 1 live; later samples of the batch are printed after it, labelled.
+    Returns the generated text of each sample (prime excluded)."""
+    rows: list[list[str]] = [[] for _ in range(n)]
+    if n > 1:
+        out.write(f"--- sample 1/{n} ---\n")
+    out.write(prime)
+    out.flush()
+    for chars in steps:
+        if chars[0]:
+            out.write(chars[0])
+            out.flush()
+        for row in range(n):
+            rows[row].append(chars[row])
+    out.write("\n")
+    for row, parts in enumerate(rows[1:], start=2):
+        out.write(f"--- sample {row}/{n} ---\n{prime}{''.join(parts)}\n")
+    out.flush()
+    return ["".join(parts) for parts in rows]
+
+
+# --- novelty ----------------------------------------------------------------------------------
+
+
+def _novelty_index(model: Any) -> Any:
+    """The training text's index, saying so on stderr when it has to be built (once)."""
+    from charlm.novelty import training_index
+
+    return training_index(model, on_build=lambda: err(
+        "charlm: indexing the training text for the novelty report; later runs skip this"))
+
+
+def _sample_report(index: Any, prime: str, samples: list[tuple[float, str]], as_json: bool) -> None:
+    """After `charlm sample`: the novelty report on stderr, or everything as one JSON object."""
+    from charlm.novelty import format_report, novelty_report
+
+    report = novelty_report(index, [text for _, text in samples]) if index is not None else None
+    if as_json:
+        data: dict[str, Any] = {"prime": prime, "samples": [{"temperature": t, "text": text} for t, text in samples]}
+        if report is not None:
+            data["novelty"] = report
+        print(json.dumps(data, ensure_ascii=False))
+    elif report is not None:
+        err(format_report(report))
+
+
+@app.command("novelty")
+@handle_errors
+def novelty_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose training text to compare with.")],
+    file: Annotated[Path, typer.Argument(help="UTF-8 text file to check (e.g. saved samples).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """How much of FILE is copied verbatim from the checkpoint's training text."""
+    from charlm.api import load
+    from charlm.novelty import format_report, novelty_report, read_text_file
+
+    text = read_text_file(file)
+    report = novelty_report(_novelty_index(load(checkpoint)), [text])
+    print(json.dumps(report, ensure_ascii=False) if as_json else format_report(report))
+
+

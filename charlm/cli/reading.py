@@ -1,0 +1,135 @@
+"""`charlm eval`, `info`, `plot` and `inspect`: what a checkpoint holds and how it reads text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from charlm.cli.app import DEFAULT_OUT, DeviceOpt, EncodingOpt, _table, app, err, handle_errors
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to evaluate.")],
+    corpus: Annotated[Optional[list[str]], typer.Argument(
+        help="Text to score (default: the run's own held-out part).", show_default=False)] = None,
+    encoding: EncodingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: DeviceOpt = "cpu",
+    by_char: Annotated[bool, typer.Option(
+        "--by-char", help="Print JSON with every character's bits: the text read as one sequence from a fresh "
+        "state, as `charlm inspect` reads it (default text: the passage inspect shows).")] = False,
+) -> None:
+    """Bits per character of a checkpoint on held-out text."""
+    from charlm.api import load
+
+    if by_char:
+        from charlm.inspect import by_char as per_char
+        from charlm.inspect import load_text
+
+        lm = load(checkpoint, device=device)
+        result = per_char(lm, *load_text(lm, corpus, None, encoding))
+        if result["skipped_chars"]:
+            err(f"charlm: warning: {result['skipped_chars']} characters not in the vocabulary were "
+                "left out of the score")
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    result = load(checkpoint, device=device).evaluate(corpus, encoding)
+    if result["skipped_chars"]:
+        err(f"charlm: warning: {result['skipped_chars']} characters not in the vocabulary were "
+            "left out of the score")
+    if as_json:
+        print(json.dumps(result))
+        return
+    rows = [("bpc", f"{result['bpc']:.4f}"), ("chars scored", f"{result['chars']:,}"),
+            ("chars skipped", f"{result['skipped_chars']:,}"), ("corpus", ", ".join(result["corpus"])),
+            ("checkpoint", f"{result['checkpoint']} (step {result['step']:,})")]
+    print(_table(rows))
+
+
+@app.command()
+@handle_errors
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What a checkpoint holds: config, vocabulary, parameters, progress, corpus."""
+    from charlm.api import load
+
+    data = load(checkpoint).info()
+    if as_json:
+        print(json.dumps(data))
+        return
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+    c = data["corpus"]
+    rows = [("checkpoint", data["checkpoint"]), ("step", f"{fmt(data['step'])} / {fmt(data['total_steps'])}"),
+            ("chars seen", fmt(data["chars_seen"])), ("training time", f"{data['elapsed_s']:.0f} s"),
+            ("best val bpc", fmt(data["best_val_bpc"])), ("last val bpc", fmt(data["last_val_bpc"])),
+            ("parameters", fmt(data["parameters"])), ("vocabulary", f"{data['vocab_size']} characters"),
+            ("trained on", f"{data['device_trained']} ({data['precision']})"
+             + (f" x {data['processes']} processes" if data["processes"] > 1 else "")),
+            ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
+            ("corpus sha256", str(c["sha256"]))]
+    for section, values in data["config"].items():
+        rows.extend((f"{section}.{k}", str(v)) for k, v in values.items())
+    print(_table(rows))
+
+
+@app.command()
+@handle_errors
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder holding metrics.jsonl.")] = DEFAULT_OUT,
+) -> None:
+    """Write RUN_DIR/loss.png: train and val bpc against characters seen (needs matplotlib)."""
+    from charlm.plot import plot_run
+
+    path = plot_run(run_dir)
+    print(path)
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to look inside.")],
+    text_file: Annotated[Optional[Path], typer.Argument(
+        help="Text to read (default: a stretch of the run's own held-out text).", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Read this text instead of a file.")] = None,
+    html: Annotated[Path, typer.Option(
+        "--html", help="The page to write: one self-contained HTML file.")] = Path("inspect.html"),
+    npz: Annotated[Optional[Path], typer.Option(
+        "--npz", help="Also write the per-character states, probabilities and characters (numpy .npz).")] = None,
+    max_chars: Annotated[int, typer.Option(
+        "--max-chars", help="Read at most this many characters of the text.")] = 5000,
+    layer: Annotated[Optional[int], typer.Option(
+        "--layer", help="Open the page on this layer's unit (0 = first layer).")] = None,
+    kind: Annotated[Optional[str], typer.Option(
+        "--kind", help="... of this kind: h, c, i, f, g, o (LSTM); h, r, z, n (GRU); h (RNN).")] = None,
+    unit: Annotated[Optional[int], typer.Option("--unit", help="... and this unit number (0 = first).")] = None,
+    levels: Annotated[int, typer.Option(
+        "--levels", help="Activation values kept per unit on the page (2-256; more is sharper and bigger).")] = 16,
+    encoding: EncodingOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Write an HTML page showing the model's surprisal, predictions and units on a text."""
+    from charlm.api import load
+    from charlm.inspect import check_options, inspect_text, load_text, write_npz
+    from charlm.inspect_page import write_page
+
+    lm = load(checkpoint, device=device)
+    initial = check_options(lm.model.cfg, layer, kind, unit, levels, max_chars)
+    ins = inspect_text(lm, *load_text(lm, [str(text_file)] if text_file else None, text, encoding), max_chars=max_chars)
+    if ins.meta["chars_total"] > max_chars:
+        err(f"charlm: read the first {max_chars:,} of {ins.meta['chars_total']:,} characters (--max-chars)")
+    if ins.scores.skipped:
+        err(f"charlm: warning: {ins.scores.skipped} characters not in the vocabulary are shown unscored")
+    print(write_page(html, ins, levels, initial))
+    if npz is not None:
+        print(write_npz(npz, ins))
+
+

@@ -1,0 +1,129 @@
+"""`charlm train` and `charlm resume`: a training session with the progress reporter, and
+Ctrl-C / SIGTERM turned into a saved checkpoint."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from charlm.cli.app import (
+    DEFAULT_OUT,
+    CorpusArg,
+    EncodingOpt,
+    NoPreview,
+    QuietOpt,
+    _rank,
+    app,
+    derived_options,
+    err,
+    handle_errors,
+)
+from charlm.config import ModelConfig, SessionConfig, TrainConfig
+from charlm.events import Callbacks, TrainResult
+
+
+class StopFlag(Callbacks):
+    """SIGINT / SIGTERM handlers that only record the signal: training finishes its step,
+    saves, and exits; a second Ctrl-C while saving changes nothing. Installed when training
+    starts (before that, Ctrl-C just interrupts: there is nothing to save)."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum = 0
+        self.announce = announce
+        self._old: dict[int, Any] = {}
+
+    def on_start(self, info: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.signum:
+            self.signum = signum
+            if self.announce:
+                err(f"\ncharlm: {signal.Signals(signum).name}: finishing the step and saving...")
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def __call__(self) -> int:
+        return self.signum
+
+
+@app.command()
+@handle_errors
+@derived_options(ModelConfig, TrainConfig, SessionConfig)
+def train(
+    corpus: CorpusArg = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="TOML preset ([model], [train], [session] tables); flags override it.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for checkpoints and metrics.")] = DEFAULT_OUT,
+    encoding: EncodingOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a run.")] = False,
+    no_preview: NoPreview = False,
+    quiet: QuietOpt = False,
+    **settings: Any,
+) -> None:
+    """Train a new model on CORPUS (default: nltk:state_union)."""
+    from charlm.config import build_config
+    from charlm.session import fit
+
+    if no_preview:
+        settings["preview_length"] = 0
+    cfg = build_config(config, settings)
+    _with_progress(quiet, lambda callbacks, stop: fit(
+        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop))
+
+
+def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult]) -> None:
+    """Run a training session with the progress reporter and Ctrl-C/SIGTERM handling, then
+    print the summary (and draw the loss plot when matplotlib is installed; it is optional)."""
+    import importlib.util
+
+    from charlm.events import Fanout
+    from charlm.report import Reporter
+
+    # Under torchrun rank 0 alone shows progress; every rank still stops cleanly on a signal.
+    main = _rank() == 0
+    reporter, stop = Reporter(quiet=quiet or not main), StopFlag(announce=main)
+    try:
+        result = run(Fanout(stop, reporter), stop)
+    finally:
+        stop.restore()
+        reporter.close()
+    if not main:
+        return
+    if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
+        from charlm.plot import plot_run
+
+        result.plot = plot_run(result.out_dir)
+    reporter.summary(result)
+
+
+@app.command()
+@handle_errors
+@derived_options(SessionConfig)
+def resume(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to continue (its folder is the run's folder).")],
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="A preset to check against the run (only [session] settings may differ).")] = None,
+    no_preview: NoPreview = False,
+    quiet: QuietOpt = False,
+    **settings: Any,
+) -> None:
+    """Continue a run exactly where its checkpoint stopped (same schedule, data, RNG)."""
+    from charlm.config import load_toml
+    from charlm.session import resume as resume_run
+
+    if no_preview:
+        settings["preview_length"] = 0
+    config_data = load_toml(config) if config is not None else None
+    _with_progress(quiet, lambda callbacks, stop: resume_run(
+        checkpoint, settings, config_file=config_data, callbacks=callbacks, pending_signal=stop))
+
+
