@@ -6,6 +6,7 @@ Everything runs on the CPU in seconds and never touches the network.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -147,3 +148,22 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, _one_thread, _corpus_c
 def run_copy(trained_run: Path, tmp_path: Path) -> Path:
     """A private copy of the shared run, for tests that change it."""
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def one_line_error(res: Any, *needles: str) -> str:
+    """A CliRunner result that is a refusal: exit 2, exactly one line on stderr naming every
+    one of `needles`, no traceback, nothing on stdout. Returns the line."""
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert isinstance(res.exception, SystemExit), res.exception  # not an escaped exception
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file's content hash and mtime: a refused command must leave all of them alone."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.iterdir())}

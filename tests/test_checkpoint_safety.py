@@ -6,7 +6,6 @@ written on CUDA loads, resumes and samples on the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_STEPS, TINY, charlm_cmd, subprocess_env, tiny_config
+from conftest import RUN_STEPS, TINY, charlm_cmd, snapshot, subprocess_env, tiny_config
 
 from charlm import checkpoint, rundir, session
 from charlm.cli import app
@@ -40,12 +39,6 @@ def step_of(path: Path) -> int:
 def copy_run(base: Path, dest: Path) -> Path:
     shutil.copytree(base, dest)
     return dest
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file's content hash and mtime: a refused command must leave all of them alone."""
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.iterdir())}
 
 
 def tmp_files(folder: Path) -> list[Path]:

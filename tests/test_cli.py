@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CHARS_PER_STEP, RUN_STEPS, TEXT, TINY, charlm_cmd, subprocess_env
+from conftest import CHARS_PER_STEP, RUN_STEPS, TEXT, TINY, charlm_cmd, one_line_error, snapshot, subprocess_env
 from typer.testing import CliRunner
 
 from charlm import __version__
@@ -32,25 +32,8 @@ def invoke(runner: CliRunner, *args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(res, *needles: str) -> str:
-    """Exit 2, exactly one line on stderr naming `needles`, no traceback, nothing on stdout."""
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
-    assert isinstance(res.exception, SystemExit), res.exception  # not an escaped exception
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    assert res.stdout == ""
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
 # --- train --------------------------------------------------------------------------------
@@ -131,22 +114,6 @@ def test_train_several_sources(runner, tmp_path):
     assert info["corpus"]["sources"] == [str(tmp_path / "a.txt"), str(folder)]
 
 
-def test_train_refuses_a_folder_that_holds_a_run(runner, run_copy, corpus_file):
-    before = snapshot(run_copy)
-    res = invoke(runner, "train", corpus_file, "--out", run_copy, "--max-steps", "5", *TINY)
-    line = assert_one_line_error(res, "--out", str(run_copy), "--force")
-    assert "resume" in line
-    assert snapshot(run_copy) == before  # not one byte (or mtime) changed, nothing added
-
-
-def test_train_force_starts_over(runner, run_copy, corpus_file):
-    res = invoke(runner, "train", corpus_file, "--out", run_copy, "--max-steps", "5", "--force", *TINY)
-    assert res.exit_code == 0, res.output
-    assert [m["step"] for m in read_metrics(run_copy)] == [5]  # the old run's lines are gone
-    assert not (run_copy / "step-0000020.pt").exists()
-    assert json.loads(invoke(runner, "info", run_copy / "latest.pt", "--json").stdout)["step"] == 5
-
-
 # --- bad input: one line on stderr, exit 2, nothing written -----------------------------------
 
 
@@ -210,7 +177,7 @@ def test_train_bad_input(runner, corpus_file, tmp_path, case):
     out = tmp_path / "run"
     # The case's arguments come last: a repeated option takes its last value.
     res = invoke(runner, "train", "--out", out, "--max-steps", "3", *TINY, *args)
-    assert_one_line_error(res, *needles)
+    one_line_error(res, *needles)
     assert not out.exists()  # everything is checked before the first write
 
 
@@ -218,19 +185,19 @@ def test_train_out_is_a_file(runner, corpus_file, tmp_path):
     target = tmp_path / "file"
     target.write_text("keep me", encoding="utf-8")
     res = invoke(runner, "train", corpus_file, "--out", target, "--max-steps", "3", *TINY)
-    assert_one_line_error(res, "--out", str(target))
+    one_line_error(res, "--out", str(target))
     assert target.read_text(encoding="utf-8") == "keep me"
 
 
 @pytest.mark.parametrize("command", ["info", "eval", "resume"])
 def test_missing_checkpoint(runner, tmp_path, command):
     res = invoke(runner, command, tmp_path / "nope.pt")
-    assert_one_line_error(res, str(tmp_path / "nope.pt"))
+    one_line_error(res, str(tmp_path / "nope.pt"))
 
 
 def test_text_file_is_not_a_checkpoint(runner, corpus_file):
     res = invoke(runner, "info", corpus_file)
-    assert_one_line_error(res, str(corpus_file))
+    one_line_error(res, str(corpus_file))
 
 
 @pytest.mark.parametrize(
@@ -242,7 +209,7 @@ def test_text_file_is_not_a_checkpoint(runner, corpus_file):
 )
 def test_sample_bad_options_exit_2(runner, trained_run, args, flag):
     res = invoke(runner, "sample", "-c", trained_run / "latest.pt", *args)
-    assert_one_line_error(res, flag)
+    one_line_error(res, flag)
 
 
 # --- resume -------------------------------------------------------------------------------
@@ -263,9 +230,9 @@ def test_resume_continues_to_max_steps(runner, run_copy):
 def test_resume_a_finished_run_needs_a_new_budget(runner, run_copy):
     before = snapshot(run_copy)
     res = invoke(runner, "resume", run_copy / "latest.pt")
-    assert_one_line_error(res, str(run_copy / "latest.pt"), "--max-steps")
+    one_line_error(res, str(run_copy / "latest.pt"), "--max-steps")
     res = invoke(runner, "resume", run_copy / "latest.pt", "--max-steps", "7")
-    assert_one_line_error(res, "--max-steps")
+    one_line_error(res, "--max-steps")
     assert snapshot(run_copy) == before
 
 
@@ -297,7 +264,7 @@ def test_sample_same_seed_same_text(runner, trained_run):
 def test_sample_default_checkpoint(runner, trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = invoke(runner, "sample", "--length", "10")
-    assert_one_line_error(res, "checkpoints")
+    one_line_error(res, "checkpoints")
     ckdir = tmp_path / "checkpoints"
     ckdir.mkdir()
     shutil.copy(trained_run / "best.pt", ckdir / "best.pt")
@@ -307,7 +274,7 @@ def test_sample_default_checkpoint(runner, trained_run, tmp_path, monkeypatch):
     assert len(res.stdout) == 11
     (ckdir / "best.pt").unlink()
     res = invoke(runner, "sample", "--length", "10")
-    assert_one_line_error(res, "checkpoints/latest.pt")  # then latest.pt (corrupt here)
+    one_line_error(res, "checkpoints/latest.pt")  # then latest.pt (corrupt here)
     shutil.copy(trained_run / "latest.pt", ckdir / "latest.pt")
     res = invoke(runner, "sample", "--length", "10", "--no-echo")
     assert res.exit_code == 0, res.output
@@ -346,7 +313,7 @@ def test_eval_on_text_with_unknown_characters(runner, trained_run, tmp_path):
 def test_eval_on_text_with_no_known_characters(runner, trained_run, tmp_path):
     path = tmp_path / "greek.txt"
     path.write_text("αβγδ" * 10, encoding="utf-8")
-    assert_one_line_error(invoke(runner, "eval", trained_run / "best.pt", path), "nothing to evaluate")
+    one_line_error(invoke(runner, "eval", trained_run / "best.pt", path), "nothing to evaluate")
 
 
 def test_info_json(runner, trained_run):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, tiny_flags
+from conftest import TEXT, one_line_error, tiny_flags
 from typer.testing import CliRunner
 
 import charlm
@@ -49,18 +49,6 @@ SHORT = '€Our economy is growing "fast" (in 1945, 12.5 percent) and our school
 
 def invoke(*args: Any):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res, *needles: str) -> str:
-    """Exit 2, exactly one line on stderr naming `needles`, no traceback, nothing on stdout."""
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1, res.stderr
-    assert res.stdout == "" and "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, one_line_error
 from typer.testing import CliRunner
 
 from charlm import checkpoint
@@ -327,15 +327,6 @@ def test_sample_novelty_json(novelty_run):
     assert json.loads(plain.stdout) == {k: v for k, v in data.items() if k != "novelty"}
 
 
-def _one_line_error(res, *needles: str) -> None:
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 @pytest.mark.parametrize("case", ["missing", "not-utf8", "empty", "folder"])
 def test_novelty_bad_file(novelty_run, tmp_path, case):
     ckpt, _ = novelty_run
@@ -347,7 +338,7 @@ def test_novelty_bad_file(novelty_run, tmp_path, case):
     elif case == "folder":
         path.mkdir()
     res = invoke("novelty", ckpt, path)
-    _one_line_error(res, str(path), {"missing": "no such file", "not-utf8": "not valid UTF-8 at byte 3",
+    one_line_error(res, str(path), {"missing": "no such file", "not-utf8": "not valid UTF-8 at byte 3",
                                      "empty": "empty", "folder": "folder"}[case])
     assert res.stdout == ""
 
@@ -359,7 +350,7 @@ def test_novelty_bad_checkpoint(tmp_path, case):
     ckpt = tmp_path / "model.pt"
     if case == "corrupt":
         ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    _one_line_error(invoke("novelty", ckpt, sample), str(ckpt))
+    one_line_error(invoke("novelty", ckpt, sample), str(ckpt))
 
 
 @pytest.mark.parametrize("case", ["changed", "gone"])
@@ -385,8 +376,8 @@ def test_training_text_changed_or_gone(tmp_path, case):
             p.unlink()
     before = sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir())
     needle = "corpus changed" if case == "changed" else "no such file"
-    _one_line_error(invoke("novelty", ckpt, sample), str(corpus) if case == "gone" else str(ckpt), needle)
+    one_line_error(invoke("novelty", ckpt, sample), str(corpus) if case == "gone" else str(ckpt), needle)
     res = invoke("sample", "-c", ckpt, "--length", "20", "--novelty")
-    _one_line_error(res, needle)
+    one_line_error(res, needle)
     assert res.stdout == ""  # refused before sampling
     assert sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()) == before

@@ -7,7 +7,6 @@ refuses changes that would make it a different run, and accepts budget / cadence
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -19,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_STEPS, TEXT, TINY, charlm_cmd, subprocess_env, tiny_config, tiny_flags
+from conftest import (
+    RUN_STEPS,
+    TEXT,
+    TINY,
+    charlm_cmd,
+    one_line_error,
+    snapshot,
+    subprocess_env,
+    tiny_config,
+    tiny_flags,
+)
 
 from charlm import checkpoint, session
 from charlm.cli import app
@@ -248,19 +257,6 @@ def test_resume_after_signal_matches_uninterrupted_run(signal_runs, runner, name
 # --- what a resume may and may not change ----------------------------------------------------
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def one_error_line(res) -> str:
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 @pytest.mark.parametrize("toml, named", [("[model]\nhidden_size = 64\n", "model.hidden_size"),
                                          ("[train]\nseq_len = 8\n", "train.seq_len"),
                                          ("[model]\ncell = \"gru\"\n", "model.cell")])
@@ -270,7 +266,7 @@ def test_resume_refuses_a_config_that_changes_the_run(runner, run_copy, tmp_path
     before = snapshot(run_copy)
     res = runner.invoke(app, ["resume", str(run_copy / "latest.pt"), "--config", str(other),
                               "--max-steps", "30"])
-    line = one_error_line(res)
+    line = one_line_error(res)
     assert named in line and "resume" in line
     assert snapshot(run_copy) == before
 
@@ -280,16 +276,16 @@ def test_resume_refuses_a_changed_corpus(runner, corpus_file, tmp_path):
     assert runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "5", *TINY]).exit_code == 0
     corpus_file.write_text(corpus_file.read_text() + "One more line.\n", encoding="utf-8")
     before = snapshot(run)
-    line = one_error_line(runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", "30"]))
+    line = one_line_error(runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", "30"]))
     assert "corpus changed" in line
     assert snapshot(run) == before
 
 
 def test_resume_refuses_fewer_steps_than_done_and_a_run_copy_without_more(runner, run_copy):
     before = snapshot(run_copy)
-    line = one_error_line(runner.invoke(app, ["resume", str(run_copy / "latest.pt"), "--max-steps", "10"]))
+    line = one_line_error(runner.invoke(app, ["resume", str(run_copy / "latest.pt"), "--max-steps", "10"]))
     assert "--max-steps 10" in line and f"step {RUN_STEPS}" in line
-    line = one_error_line(runner.invoke(app, ["resume", str(run_copy / "latest.pt")]))
+    line = one_line_error(runner.invoke(app, ["resume", str(run_copy / "latest.pt")]))
     assert "already finished" in line and "--max-steps" in line
     assert snapshot(run_copy) == before
     with pytest.raises(CharLMError, match="cannot be changed on resume"):
