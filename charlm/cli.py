@@ -390,6 +390,57 @@ def plot(
     print(path)
 
 
+# --- serve ------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to serve.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port; the line on stderr says which).")] = 8000,
+    max_length: Annotated[int, typer.Option("--max-length", help="Longest sample a request may ask for, in characters.")] = 10_000,
+    max_samples: Annotated[int, typer.Option("--max-samples", help="Most samples per request.")] = 8,
+    max_prime: Annotated[int, typer.Option("--max-prime", help="Longest prime, in characters.")] = 10_000,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 131_072,
+    max_in_flight: Annotated[int, typer.Option("--max-in-flight", help="Requests generated or sent at once; more get 503.")] = 64,
+    chunk_steps: Annotated[int, typer.Option("--chunk-steps", help="Characters a request advances per turn of the generation worker.")] = 32,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
+) -> None:
+    """HTTP API (POST /generate, GET /info, GET /health) and a playground page at /."""
+    import importlib.util
+    import socket
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CharLMError(f"charlm serve needs {' and '.join(missing)}: pip install 'charlm[serve]'")
+    import uvicorn
+
+    from charlm.api import load
+    from charlm.serve import ServeSettings, create_app
+
+    # The defaults above are ServeSettings' own (a test keeps them equal; the server module
+    # cannot be imported here to read them: FastAPI may be missing).
+    settings = ServeSettings(max_length=max_length, max_samples=max_samples, max_prime=max_prime,
+                             max_body=max_body, max_in_flight=max_in_flight,
+                             chunk_steps=chunk_steps).check()
+    lm = load(checkpoint, device=device)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CharLMError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    err(f"charlm: serving {checkpoint} at http://{shown}:{bound}/ (playground at /, "
+        f"API: POST /generate, GET /info, GET /health); Ctrl-C stops")
+    config = uvicorn.Config(create_app(lm, settings), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
