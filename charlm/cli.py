@@ -408,13 +408,14 @@ def serve(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
 ) -> None:
     """HTTP API (POST /generate, GET /info, GET /health) and a playground page at /."""
-    import importlib.util
     import socket
 
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise CharLMError(f"charlm serve needs {' and '.join(missing)}: pip install 'charlm[serve]'")
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise CharLMError(f"charlm serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'charlm[serve]'") from None
 
     from charlm.api import load
     from charlm.serve import ServeSettings, create_app
