@@ -11,8 +11,10 @@ p50/p95 latency to the first character and to the end, and the server's resident
 started at once (each with OMP_NUM_THREADS=1, what N processes on few cores want), timed
 the same way: to the first character on stdout and to the process's end.
 
-A fairness check follows: the latency of a short request (50 characters) alone, and while a
-long one (--max-length characters) is being generated.
+The largest level runs a second time, so memory that grows with use would show. A fairness
+check follows: the latency of a short request (50 characters) alone, and while a long one
+(--long-length characters) is being generated. For scale, the library's own single-stream
+speed (`CharLM.sample`, no HTTP) is measured in a separate process.
 
 Every request has a socket timeout and every level a deadline: a request that fails or hangs
 is counted in "failed" (which must be 0), and the run stops by itself. Only 127.0.0.1 is used.
@@ -177,7 +179,8 @@ def process_level(ckpt: Path, n: int, length: int, timeout: float) -> dict[str, 
             rest = proc.stdout.read()
             code = proc.wait(timeout=timeout)
             end = time.perf_counter() - start
-            text = (first_byte + rest).decode().rstrip("\n")
+            text = (first_byte + rest).decode()
+            text = text.removesuffix("\n")  # the one newline sample ends with
             if code != 0 or len(text) != length:
                 raise RuntimeError(f"exit {code}, {len(text)} chars: {proc.stderr.read()[:200]!r}")  # type: ignore[union-attr]
             with lock:
@@ -227,6 +230,17 @@ def fairness(port: int, long_length: int, timeout: float, repeats: int = 5) -> d
             "long_end_ms": round(1000 * long_end, 1) if long_end else None}
 
 
+def library_speed(ckpt: Path, chars: int = 5000) -> int:
+    """chars/s of one stream from the library in a fresh process (the server's ceiling for
+    one request: same sampler, no HTTP)."""
+    code = ("import sys, time, charlm; m = charlm.load(sys.argv[1]); m.sample(length=200, seed=0); "
+            "t = time.perf_counter(); m.sample(length=int(sys.argv[2]), seed=1); "
+            "print(int(sys.argv[2]) / (time.perf_counter() - t))")
+    out = subprocess.run([sys.executable, "-c", code, str(ckpt), str(chars)], capture_output=True,
+                         text=True, check=True).stdout
+    return round(float(out))
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -274,10 +288,13 @@ def main() -> None:
 
         result: dict[str, Any] = {
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-            "date": time.strftime("%Y-%m-%d"), "checkpoint": str(ckpt), "length": args.length,
-            "rounds": args.rounds, "server": [], "processes": [],
+            "date": time.strftime("%Y-%m-%d"), "load_avg_at_start": os.getloadavg()[0],
+            "checkpoint": str(ckpt), "length": args.length, "rounds": args.rounds,
+            "library_single_stream_chars_per_s": library_speed(ckpt),
+            "server": [], "processes": [],
         }
-        for n in levels:
+        # The largest level runs twice: memory that only grows would show in the second pass.
+        for n in [*levels, levels[-1]]:
             log(f"server: {n} clients x {args.rounds} requests of {args.length} chars...")
             level = server_level(port, server.pid, n, args.rounds, args.length, args.timeout)
             log(f"  {json.dumps(level)}")
@@ -293,6 +310,7 @@ def main() -> None:
                 result["processes"].append(level)
         result["all_ok"] = (all(lv["failed"] == 0 and lv["hung_clients"] == 0 for lv in result["server"])
                             and all(lv["failed"] == 0 for lv in result["processes"]))
+        result["load_avg_at_end"] = os.getloadavg()[0]
         print(json.dumps(result, indent=2))
     finally:
         if server is not None:

@@ -421,8 +421,10 @@ def create_app(lm: CharLM, settings: ServeSettings | None = None) -> FastAPI:
         finally:
             worker.stop()
 
+    # No /docs: FastAPI's docs pages load their scripts from a CDN, and this server needs no
+    # network. The schema itself is at /openapi.json.
     app = FastAPI(title="charlm", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_body=settings.max_body)
 
