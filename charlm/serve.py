@@ -95,7 +95,7 @@ class RequestError(Exception):
 def error_response(status: int, field: str | None, message: str,
                    headers: Mapping[str, str] | None = None) -> Response:
     # ensure_ascii: a field name or value may hold lone surrogates, which UTF-8 cannot encode.
-    body = json.dumps({"error": message, "field": field}, ensure_ascii=True)
+    body = json.dumps({"error": message, "field": field}, ensure_ascii=True, separators=(",", ":"))
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -109,7 +109,7 @@ def from_charlm_error(exc: CharLMError) -> RequestError:
     m = _FLAG.match(text)
     field = m.group(1).replace("-", "_") if m else None
     text = _FLAG.sub(lambda m: m.group(1).replace("-", "_"), text, count=1) if m else text
-    text = _FLAG_VALUE.sub(lambda m: f'"{m.group(1).replace("-", "_")}": "{m.group(2)}"', text)
+    text = _FLAG_VALUE.sub(lambda m: f"'{m.group(1).replace('-', '_')}': '{m.group(2)}'", text)
     return RequestError(400 if field is None else 422, field, text)
 
 
@@ -398,7 +398,7 @@ class _JobStream(StreamingResponse):
 def sse(data: dict[str, Any], event: str | None = None) -> bytes:
     """One server-sent event; the JSON is ASCII, so it never holds a newline."""
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data)}\n\n".encode("ascii")
+    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode("ascii")
 
 
 def _merge(chunks: list[list[str]], n: int) -> list[str]:
