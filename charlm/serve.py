@@ -242,6 +242,9 @@ class GenerationWorker:
             job.ready.clear()  # before looking, so a wake-up after the look is not lost
             chunks, finished = self.poll(job)
             if chunks or finished:
+                # Yield to the event loop once per piece: with text always waiting (a fast
+                # worker), a reader would otherwise never let other requests run.
+                await asyncio.sleep(0)
                 return chunks, finished
             await job.ready.wait()
 
@@ -516,22 +519,28 @@ def create_app(lm: CharLM, settings: ServeSettings | None = None) -> FastAPI:
         yield sse({"seed": job.opts.seed, "chars": chars}, event="end")
 
     async def _collect(request: Request, job: Job) -> Response:
+        loop = asyncio.get_running_loop()
         parts: list[list[str]] = []
+        next_check = loop.time() + 0.5
         while True:
             job.ready.clear()
             chunks, finished = worker.poll(job)
             parts.extend(chunks)
             if finished:
                 break
+            if loop.time() >= next_check:
+                # A client that went away cancels its job (looked at twice a second).
+                if await request.is_disconnected():
+                    worker.cancel(job)
+                    return Response(status_code=499)
+                next_check = loop.time() + 0.5
             if chunks:
+                await asyncio.sleep(0)  # let other requests run between pieces
                 continue
             try:
                 await asyncio.wait_for(job.ready.wait(), timeout=0.5)
             except TimeoutError:
-                # A client that went away cancels its job (checked while it waits for text).
-                if await request.is_disconnected():
-                    worker.cancel(job)
-                    return Response(status_code=499)
+                pass
         samples = _merge(parts, job.n)
         return JSONResponse({"text": samples[0], "samples": samples, "seed": job.opts.seed})
 

@@ -231,6 +231,17 @@ def test_first_chunk_comes_while_generation_runs_and_a_disconnect_cancels_it(ser
     assert len(server.generate(length=20)["text"]) == 20
 
 
+def test_a_plain_request_whose_client_leaves_is_cancelled(server):
+    before = server.wait_idle()["cancelled_total"]
+    conn = server.conn()
+    conn.request("POST", "/generate", json.dumps({"length": LONG}), {"Content-Type": "application/json"})
+    server.wait_for(lambda h: h["generating"] == 1, "the request generating")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # gone before the answer
+    conn.close()
+    h = server.wait_for(lambda h: h["in_flight"] == 0 and h["generating"] == 0, "the job cancelled")
+    assert h["cancelled_total"] == before + 1
+
+
 def test_info_and_health(server, lm):
     status, _, info = server.request("GET", "/info")
     assert status == 200
