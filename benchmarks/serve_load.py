@@ -231,9 +231,10 @@ def fairness(port: int, long_length: int, timeout: float, repeats: int = 5) -> d
 
 
 def library_speed(ckpt: Path, chars: int = 5000) -> int:
-    """chars/s of one stream from the library in a fresh process (the server's ceiling for
-    one request: same sampler, no HTTP)."""
-    code = ("import sys, time, charlm; m = charlm.load(sys.argv[1]); m.sample(length=200, seed=0); "
+    """chars/s of one stream from the library in a fresh process, on one thread like the
+    server (its ceiling for one request: the same sampler, no HTTP)."""
+    code = ("import sys, time, torch, charlm; torch.set_num_threads(1); m = charlm.load(sys.argv[1]); "
+            "m.sample(length=200, seed=0); "
             "t = time.perf_counter(); m.sample(length=int(sys.argv[2]), seed=1); "
             "print(int(sys.argv[2]) / (time.perf_counter() - t))")
     out = subprocess.run([sys.executable, "-c", code, str(ckpt), str(chars)], capture_output=True,

@@ -405,6 +405,7 @@ def serve(
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 131_072,
     max_in_flight: Annotated[int, typer.Option("--max-in-flight", help="Requests generated or sent at once; more get 503.")] = 64,
     chunk_steps: Annotated[int, typer.Option("--chunk-steps", help="Characters a request advances per turn of the generation worker.")] = 32,
+    threads: Annotated[int, typer.Option("--threads", help="PyTorch CPU threads (1 is fastest for sampling one row at a time).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
 ) -> None:
     """HTTP API (POST /generate, GET /info, GET /health) and a playground page at /."""
@@ -424,7 +425,7 @@ def serve(
     # cannot be imported here to read them: FastAPI may be missing).
     settings = ServeSettings(max_length=max_length, max_samples=max_samples, max_prime=max_prime,
                              max_body=max_body, max_in_flight=max_in_flight,
-                             chunk_steps=chunk_steps).check()
+                             chunk_steps=chunk_steps, threads=threads).check()
     lm = load(checkpoint, device=device)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
