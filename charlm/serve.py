@@ -50,7 +50,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest value
 
 @dataclass
 class ServeSettings:
-    """Limits of `charlm serve`; each field is the flag of the same name (`--max-length`)."""
+    """Limits of `charlm serve`; each field but `buffer_chars` is the flag of the same name
+    (`max_length`: `--max-length`)."""
 
     max_length: int = 10_000  # characters per sample (the request's "length")
     max_samples: int = 8  # samples per request ("num_samples")

@@ -173,8 +173,6 @@ def server(ckpt, tmp_path_factory):
         proc.wait(timeout=30)
 
 
-pytestmark = needs_serve
-
 
 # --- generate, stream, info, health ------------------------------------------------------------
 
@@ -369,6 +367,7 @@ def test_over_the_in_flight_limit_is_503_then_served_again(server):
     assert len(server.generate(length=10)["text"]) == 10
 
 
+@needs_serve
 def test_a_slow_reader_pauses_only_its_own_job(lm):
     """In process: a job whose text is not taken stops at the buffer bound (the worker skips
     it rather than waiting), while another job runs to its end; taking the text resumes it."""
@@ -406,6 +405,7 @@ def test_a_slow_reader_pauses_only_its_own_job(lm):
 # --- the command line --------------------------------------------------------------------------
 
 
+@needs_serve
 def test_serve_flags_default_to_the_settings(lm):
     from charlm.serve import ServeSettings
 
@@ -426,6 +426,7 @@ def test_serve_without_the_extra_says_how_to_install_it(ckpt, monkeypatch):
                                   "missing): pip install 'charlm[serve]'")
 
 
+@needs_serve
 def test_serve_bad_flags_and_a_busy_port_exit_2(ckpt):
     res = CliRunner().invoke(app, ["serve", str(ckpt), "--max-length", "0"])
     assert res.exit_code == 2
