@@ -20,7 +20,8 @@ class SampleOptions:
                        above=0.0, at_most=1.0)
     prime: str = opt("", "Text the model reads first and continues.")
     stop: str = opt("", "End a sample when this string is generated.")
-    seed: int | None = opt(None, "Same seed, same text.", at_least=0)
+    # The generator's seed is 64 bits.
+    seed: int | None = opt(None, "Same seed, same text.", at_least=0, at_most=2**64 - 1)
     num_samples: int = opt(1, "Independent samples, generated as one batch.", at_least=1)
     unknown: str = opt("error", "Prime characters outside the vocabulary: error | skip.",
                        choices=("error", "skip"))

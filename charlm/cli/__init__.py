@@ -5,11 +5,12 @@ exit code. This package is the only place that prints or picks exit codes.
     training.py    train, resume
     generation.py  sample, novelty
     reading.py     eval, info, plot, inspect
+    serving.py     serve
 """
 
 from __future__ import annotations
 
-from charlm.cli import generation, reading, training  # noqa: F401  (each registers its commands)
+from charlm.cli import generation, reading, serving, training  # noqa: F401  (each registers its commands)
 from charlm.cli.app import app, err, handle_errors, main
 
 __all__ = ["app", "err", "handle_errors", "main"]

@@ -1,0 +1,55 @@
+"""`charlm serve`: the HTTP API and playground page, run by uvicorn."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from charlm.cli.app import DeviceOpt, app, derived_options, err, handle_errors
+from charlm.errors import CharLMError
+from charlm.serve_settings import ServeSettings
+
+
+@app.command()
+@handle_errors
+@derived_options(ServeSettings, unset=False)
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to serve.")],
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        "--port", help="Port to listen on (0: any free port; the line on stderr says which).")] = 8000,
+    device: DeviceOpt = "cpu",
+    **limits: Any,
+) -> None:
+    """HTTP API (POST /generate, GET /info, GET /health) and a playground page at /."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise CharLMError(f"charlm serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'charlm[serve]'") from None
+
+    from charlm.api import load
+    from charlm.serve import create_app
+
+    settings = ServeSettings(**limits).check()
+    lm = load(checkpoint, device=device)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # before the line below: clients that read it are queued, not refused
+    except OSError as exc:
+        sock.close()
+        raise CharLMError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    err(f"charlm: serving {checkpoint} at http://{shown}:{bound}/ (playground at /, "
+        f"API: POST /generate, GET /info, GET /health); Ctrl-C stops")
+    config = uvicorn.Config(create_app(lm, settings), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
