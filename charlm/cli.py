@@ -395,6 +395,30 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+# --- chat ----------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def chat(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to talk to (loaded once).")],
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Starting temperature (/temperature changes it).")] = 1.0,
+    length: Annotated[int, typer.Option("--length", "-n", help="Characters per continuation (/length changes it).")] = 500,
+    top_k: Annotated[int, typer.Option("--top-k", help="Starting top-k (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Starting top-p (1 = off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed and prime, same text.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "cpu",
+) -> None:
+    """Interactive session: each line is a prime, its continuation streams back; /help lists
+    commands. From a pipe: one continuation per input line on stdout."""
+    from charlm.api import load
+    from charlm.chat import ChatSession, run
+    from charlm.sample import SampleOptions
+
+    session = ChatSession(SampleOptions(length, temperature, top_k, top_p, seed=seed))
+    run(load(checkpoint, device=device), session)
+
+
 def main() -> None:
     """Console-script entry point: usage errors become one line on stderr and exit 2."""
     try:
