@@ -395,7 +395,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-# --- chat ----------------------------------------------------------------------------------
+# --- chat / export ----------------------------------------------------------------------------
 
 
 @app.command()
@@ -417,6 +417,26 @@ def chat(
 
     session = ChatSession(SampleOptions(length, temperature, top_k, top_p, seed=seed))
     run(load(checkpoint, device=device), session)
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write: the one-step model.")],
+    vocab: Annotated[Path | None, typer.Option("--vocab", help="Vocabulary JSON to write (default: ONNX_FILE.vocab.json).")] = None,
+) -> None:
+    """Write the one-step model (char id and state in, logits and state out) as ONNX, and its
+    vocabulary as JSON, for any ONNX runtime (needs `pip install 'charlm[export]'`)."""
+    from charlm.export import check_installed, export_onnx, vocab_path
+
+    check_installed()  # before loading: the missing package is the first thing to say
+    from charlm.api import load
+
+    meta = export_onnx(load(checkpoint), onnx, vocab)
+    err(f"charlm: wrote {onnx} ({meta['cell']} {meta['num_layers']}x{meta['hidden_size']}, "
+        f"inputs {meta['input']}, {', '.join(meta['state_inputs'])}) and "
+        f"{vocab or vocab_path(onnx)} ({meta['vocab_size']} characters)")
 
 
 def main() -> None:
