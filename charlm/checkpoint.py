@@ -16,6 +16,7 @@ is a `Checkpoint`, grouped by concern::
     ranks                      per process: RNG states, loss window, weight digest
     corpus                     sources, documents, SHA-256 of their bytes, size, encoding
     trained_on                 device, precision, process count
+    planner                    what the planner chose and why (absent when it did not run)
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, renamed over the
 target with `os.replace`, and the folder is fsynced, so a crash at any moment leaves the
@@ -90,6 +91,7 @@ class Checkpoint:
     hidden: list[torch.Tensor] = field(default_factory=list)
     ranks: list[RankState] = field(default_factory=list)
     trained_on: TrainedOn = field(default_factory=TrainedOn)
+    planner: dict[str, Any] | None = None  # the plan's summary, reasons and numbers
     file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,14 +101,15 @@ class Checkpoint:
                 "scaler": self.scaler, "progress": dataclasses.asdict(self.progress),
                 "plan": dataclasses.asdict(self.plan), "hidden": self.hidden,
                 "ranks": [dataclasses.asdict(r) for r in self.ranks],
-                "trained_on": dataclasses.asdict(self.trained_on)}
+                "trained_on": dataclasses.asdict(self.trained_on), "planner": self.planner}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str) -> Checkpoint:
         return cls(model=d["model"], config=RunConfig.from_dict(d["config"], origin), vocab=d["vocab"],
                    corpus=d["corpus"], optimizer=d["optimizer"], scaler=d["scaler"],
                    progress=Progress(**d["progress"]), plan=BudgetState(**d["plan"]), hidden=d["hidden"],
-                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]))
+                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]),
+                   planner=d.get("planner"))  # optional: runs planned by hand have none
 
 
 def serialize(ck: Checkpoint) -> bytes:

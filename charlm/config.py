@@ -176,6 +176,14 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     return cfg.validate()
 
 
+def explicit_settings(config_file: Path | None, flags: dict[str, Any]) -> set[str]:
+    """The settings the user chose (in the --config file or as a flag): a planner keeps them."""
+    chosen = {key for key, value in flags.items() if value is not None}
+    if config_file is not None:
+        chosen |= {key for values in sectioned(load_toml(config_file), str(config_file)).values() for key in values}
+    return chosen
+
+
 def to_toml(cfg: RunConfig) -> str:
     """Serialize a config as TOML (only str/int/float/bool values occur)."""
     lines: list[str] = []

@@ -26,12 +26,14 @@ import torch
 from charlm import checkpoint as ckpt_io
 from charlm.budget import Clock, TimeBudget
 from charlm.config import SESSION_KEYS, RunConfig, parse_duration, sectioned, to_toml
-from charlm.device import resolve_device
+from charlm.data import split
+from charlm.device import resolve_device, resolve_precision
 from charlm.distributed import Dist, from_env, world_size
 from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError
 from charlm.events import Callbacks, StartInfo, TrainResult
 from charlm.options import flag
+from charlm.plan import PROBE_STEPS, Plan, Shape, apply_plan, make_plan, step_seconds
 from charlm.rundir import RunDir
 from charlm.train import PendingSignal, Trainer
 
@@ -42,8 +44,13 @@ def _no_signal() -> int:
 
 def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encoding: str | None = None,
         force: bool = False, callbacks: Callbacks | None = None, pending_signal: PendingSignal = _no_signal,
-        corpus: EncodedCorpus | None = None, clock: Clock = time.perf_counter) -> TrainResult:
-    """Train a new model on CORPUS `specs` (None: nltk:state_union) into `out_dir`."""
+        corpus: EncodedCorpus | None = None, clock: Clock = time.perf_counter,
+        explicit: set[str] | None = None) -> TrainResult:
+    """Train a new model on CORPUS `specs` (None: nltk:state_union) into `out_dir`.
+
+    With `explicit` (the settings the user chose), the planner fills in every other model
+    and recipe setting for this corpus, budget and machine (`charlm.plan`); without it,
+    `cfg` is used as it is."""
     cfg.validate()
     run_dir = RunDir(out_dir)
     device = resolve_device(cfg.session.device)
@@ -57,15 +64,56 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
         if corpus is None:
             corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
         callbacks.on_message(corpus_note(corpus))
+        plan = None
+        if explicit is not None:
+            cfg, plan = plan_run(cfg, explicit, corpus, device, time_cap, d)
+            callbacks.on_message(plan.summary())
+            if time_cap is not None:  # the probe was part of the budget
+                time_cap = max(1.0, time_cap - sum(plan.probe_seconds.values()))
         trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, run_dir, device, d)
+        trainer.planner = plan.record() if plan is not None else None
         if d.is_main:
             run_dir.create(force)
-            run_dir.write_config(to_toml(cfg))
+            run_dir.write_config(to_toml(cfg) + (plan.toml_comment() if plan is not None else ""))
         callbacks.on_start(start_info(trainer, resumed=False))
         budget = _budget(trainer, time_cap, cfg.session.max_steps or None, clock)
         return trainer.loop(budget, callbacks, pending_signal)
     finally:
         d.close()
+
+
+def plan_run(cfg: RunConfig, explicit: set[str], corpus: EncodedCorpus, device: torch.device,
+             time_cap: float | None, d: Dist | None = None) -> tuple[RunConfig, Plan]:
+    """The planner's choice for this corpus, budget and machine, and the config it gives.
+    Rank 0 measures and plans; every rank gets its plan."""
+    d = d or Dist()
+    plan = None
+    if d.is_main:
+        precision = resolve_precision(cfg.session.precision, device)
+        vocab = len(corpus.vocab)
+
+        def speed(shape: Shape) -> float:
+            # Every process trains its own batch: the run's speed is the world's.
+            seconds = step_seconds(shape, vocab, PROBE_STEPS, device, precision, clock=time.perf_counter)
+            return shape.batch_size * shape.seq_len * d.world_size / seconds
+
+        train_chars = len(split(corpus.ids, cfg.train.val_fraction).train)
+        plan = make_plan(cfg, explicit, train_chars, vocab, time_cap,
+                         (cfg.session.max_steps or None), speed, device.type)
+    plan = d.broadcast(plan)
+    assert plan is not None
+    return RunConfig.from_dict(apply_plan(cfg.to_dict(), plan.settings)).validate(), plan
+
+
+def dry_plan(cfg: RunConfig, specs: list[str] | None, explicit: set[str], *, encoding: str | None = None,
+             callbacks: Callbacks | None = None) -> tuple[RunConfig, Plan]:
+    """What `fit` would train, without training: the plan and the config it gives."""
+    cfg.validate()
+    callbacks = callbacks or Callbacks()
+    corpus = encode_corpus(specs, encoding, progress=callbacks.on_progress)
+    callbacks.on_message(corpus_note(corpus))
+    time_cap = parse_duration(cfg.session.time) if cfg.session.time else None
+    return plan_run(cfg, explicit, corpus, resolve_device(cfg.session.device), time_cap)
 
 
 @dataclass

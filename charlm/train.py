@@ -98,6 +98,7 @@ class Trainer:
         self.plan = BudgetState()
         self.hidden: State | None = None  # carried from batch to batch
         self.last_eval_step = -1
+        self.planner: dict[str, Any] | None = None  # what the planner chose, kept in checkpoints
 
     # --- checkpoint state -------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint | None:
@@ -117,7 +118,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
             progress=progress, plan=self.plan, hidden=all_hidden, ranks=ranks,
-            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)))
+            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)), planner=self.planner)
 
     def load(self, ck: Checkpoint) -> None:
         """Continue from `ck` (this rank's share of it)."""
@@ -127,6 +128,7 @@ class Trainer:
             self.scaler.load_state_dict(ck.scaler)
         self.progress = Progress(**ck.progress.__dict__)
         self.plan = BudgetState(**ck.plan.__dict__)
+        self.planner = ck.planner
         self.batcher.load_state_dict(ck.progress.data)
         d = self.dist
         # This rank's rows of the run's hidden state (all of it in a single process).

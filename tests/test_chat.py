@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
+from conftest import charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
 import charlm
@@ -30,14 +30,8 @@ PRIMES = ["The state of ", "Our economy is", ""]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, _one_thread) -> Path:
-    base = tmp_path_factory.mktemp("chat")
-    corpus = base / "speech.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    res = CliRunner().invoke(app, ["train", str(corpus), "--out", str(base / "run"),
-                                   "--max-steps", "60", *TINY])
-    assert res.exit_code == 0, res.output
-    return base / "run" / "latest.pt"
+def ckpt(trained_run) -> Path:
+    return trained_run / "latest.pt"
 
 
 @pytest.fixture(scope="module")

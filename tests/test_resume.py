@@ -167,7 +167,7 @@ def test_resume_without_the_saved_rng_would_differ(corpus_file, tmp_path):
 
 TOTAL = 300
 SIGNAL_FLAGS = [*tiny_flags(num_layers=2, dropout=0.3, eval_interval=25, warmup_steps=10, device="cpu",
-                            precision="fp32", max_steps=TOTAL), "--no-preview"]
+                            precision="fp32", max_steps=TOTAL), "--no-planner", "--no-preview"]
 
 
 def _signal_when_evaluating(proc: subprocess.Popen, signals: list[int], delay: float,
