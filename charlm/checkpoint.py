@@ -5,7 +5,8 @@ A checkpoint file is a dict of tensors and plain Python values only, so it alway
 is a `Checkpoint`, grouped by concern::
 
     format, version            "charlm", VERSION
-    model                      the weights (state dict)
+    model                      the weights to use (with --ema, the average), a state dict
+    live                       with --ema: the training weights themselves (for resume)
     config                     {"model", "train", "session"}: the run's settings
     vocab                      the characters, in id order
     optimizer, scaler          their state dicts
@@ -58,6 +59,7 @@ class Progress:
     last_val_bpc: float | None = None
     loss_window: list[float] = field(default_factory=lambda: [0.0, 0])  # bits sum, steps since the last eval
     data: dict[str, int] = field(default_factory=lambda: {"pos": 0, "epoch": 0})  # the batcher's position
+    since_best: int = 0  # evaluations since the best validation bpc (for --patience)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Checkpoint:
     ranks: list[RankState] = field(default_factory=list)
     trained_on: TrainedOn = field(default_factory=TrainedOn)
     planner: dict[str, Any] | None = None  # the plan's summary, reasons and numbers
+    live: dict[str, torch.Tensor] | None = None  # with --ema: the weights training goes on from
     file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +104,7 @@ class Checkpoint:
                 "scaler": self.scaler, "progress": dataclasses.asdict(self.progress),
                 "plan": dataclasses.asdict(self.plan), "hidden": self.hidden,
                 "ranks": [dataclasses.asdict(r) for r in self.ranks],
-                "trained_on": dataclasses.asdict(self.trained_on), "planner": self.planner}
+                "trained_on": dataclasses.asdict(self.trained_on), "planner": self.planner, "live": self.live}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str) -> Checkpoint:
@@ -109,7 +112,8 @@ class Checkpoint:
                    corpus=d["corpus"], optimizer=d["optimizer"], scaler=d["scaler"],
                    progress=Progress(**d["progress"]), plan=BudgetState(**d["plan"]), hidden=d["hidden"],
                    ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]),
-                   planner=d.get("planner"))  # optional: runs planned by hand have none
+                   # Optional groups: runs set by hand have no plan, runs without --ema no live weights.
+                   planner=d.get("planner"), live=d.get("live"))
 
 
 def serialize(ck: Checkpoint) -> bytes:

@@ -14,6 +14,7 @@ its checkpoint holds every rank's state (`charlm.checkpoint.merge_ranks`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,9 @@ class Trainer:
             # takes the same step and the weights stay identical.
             net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.session.compile else net
+        # With --ema: an average of the weights, updated after every step, is the model that is
+        # evaluated, saved as the weights and sampled from; the live weights go on training.
+        self.average: CharRNN | None = copy.deepcopy(self.model) if tc.ema else None
         ac_dtype = autocast_dtype(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=ac_dtype)) if ac_dtype else contextlib.nullcontext
         self.progress = Progress()
@@ -112,8 +116,10 @@ class Trainer:
             return None
         ranks, all_hidden, window = merge_ranks(gathered, self.progress.step)
         progress = Progress(**{**self.progress.__dict__, "loss_window": window, "data": self.batcher.state_dict()})
+        live = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return Checkpoint(
-            model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            model={k: v.detach().cpu() for k, v in self.best_model.state_dict().items()},
+            live=live if self.average is not None else None,
             config=self.cfg, vocab=self.vocab.chars, corpus=self.corpus,
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
@@ -122,7 +128,9 @@ class Trainer:
 
     def load(self, ck: Checkpoint) -> None:
         """Continue from `ck` (this rank's share of it)."""
-        self.model.load_state_dict(ck.model)
+        self.model.load_state_dict(ck.live if ck.live is not None else ck.model)
+        if self.average is not None:
+            self.average.load_state_dict(ck.model)
         self.optimizer.load_state_dict(ck.optimizer)
         if ck.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck.scaler)
@@ -144,6 +152,20 @@ class Trainer:
             self.progress.loss_window = [0.0, 0]
             torch.manual_seed(self.cfg.train.seed + RANK_SEED_STRIDE * d.rank + self.progress.step)
 
+    @property
+    def best_model(self) -> CharRNN:
+        """The weights to evaluate, save and sample from: the average when there is one."""
+        return self.average if self.average is not None else self.model
+
+    def _update_average(self, step: int) -> None:
+        """Move the average toward the live weights; early on it follows them closely (the
+        decay ramps up), so the first weights, still random, fade out fast."""
+        if self.average is None:
+            return
+        decay = min(self.cfg.train.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.average.parameters()), list(self.model.parameters()), 1 - decay)
+
     def save(self, best: bool, step_file: bool) -> list[Path]:
         """Write latest.pt (and best.pt / a step file), each atomically. Every rank calls this
         (it gathers their states); rank 0 alone writes."""
@@ -162,8 +184,8 @@ class Trainer:
         if budget.total_steps is not None:
             callbacks.on_plan(budget.total_steps)
         saved: list[Path] = []
-        finished = True
-        while budget.running(p.step):
+        finished, early = True, False
+        while budget.running(p.step) and not early:
             tick, signum = self._stop_check(budget, pending_signal, callbacks)
             if signum:
                 latest = self.save(best=False, step_file=False)[-1]
@@ -175,6 +197,8 @@ class Trainer:
             callbacks.on_step(self._step(budget, tick.now))
             if p.step % self.cfg.session.eval_interval == 0 or budget.at_end(p.step):
                 saved = self._evaluate_and_save(budget, callbacks)
+                patience = self.cfg.session.patience
+                early = bool(patience) and p.since_best >= patience and not budget.at_end(p.step)
         if not finished and p.step and self.last_eval_step != p.step:
             # Stopped by the clock before the plan's end: still evaluate (best.pt) and save.
             saved = self._evaluate_and_save(budget, callbacks)
@@ -182,7 +206,7 @@ class Trainer:
             saved = self.save(best=False, step_file=False)
         d.barrier()  # no rank returns (and reads a checkpoint) before rank 0 has written it
         return TrainResult(self.run_dir.path, p.step, budget.total_steps, p.chars_seen, p.elapsed,
-                           p.best_val_bpc, p.last_val_bpc, finished, saved)
+                           p.best_val_bpc, p.last_val_bpc, finished, saved, stopped_early=early)
 
     def _stop_check(self, budget: TimeBudget, pending_signal: PendingSignal,
                     callbacks: Callbacks) -> tuple[Tick, int]:
@@ -223,6 +247,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._update_average(p.step)
         # Keep the values (context) but cut the graph: truncated BPTT over seq_len steps.
         self.hidden = detach_state(hidden)
         bpc = loss.item() / LN2
@@ -244,10 +269,11 @@ class Trainer:
         windows = d.gather(p.loss_window) or []
         val_bpc = 0.0
         if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
-            val_bpc, _ = evaluate(self.model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
+            val_bpc, _ = evaluate(self.best_model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
         val_bpc = d.broadcast(val_bpc)
         self.last_eval_step = p.step
         improved = p.best_val_bpc is None or val_bpc < p.best_val_bpc
+        p.since_best = 0 if improved else p.since_best + 1
         if improved:
             p.best_val_bpc = val_bpc
         p.last_val_bpc = val_bpc
@@ -275,7 +301,7 @@ class Trainer:
             return []
         from charlm.sample import SampleOptions, Sampler
 
-        sampler = Sampler(self.model, self.vocab, self.device)
+        sampler = Sampler(self.best_model, self.vocab, self.device)
         out = [(t, "".join(sampler.generate(SampleOptions(length=n, temperature=t, seed=self.progress.step))))
                for t in PREVIEW_TEMPERATURES]
         self.model.train()

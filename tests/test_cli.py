@@ -82,8 +82,8 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_values(trained_run, n
     _plain(ck)
     assert ck["format"] == "charlm" and ck["version"] == 2
     assert set(ck) == {"format", "version", "model", "config", "vocab", "corpus", "optimizer", "scaler",
-                       "progress", "plan", "hidden", "ranks", "trained_on", "planner"}
-    assert ck["planner"] is None  # TINY runs with --no-planner
+                       "progress", "plan", "hidden", "ranks", "trained_on", "planner", "live"}
+    assert ck["planner"] is None and ck["live"] is None  # TINY: no planner, no weight average
     assert set(ck["progress"]) == {"step", "chars_seen", "elapsed", "best_val_bpc", "last_val_bpc",
                                    "loss_window", "data"}
     assert set(ck["ranks"][0]["rng"]) == {"torch", "python"}
