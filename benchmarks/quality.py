@@ -40,26 +40,17 @@ BUDGETS = {"1m": 60.0, "4m": 240.0, "30m": 1800.0}
 CORPORA = ("sotu-250k", "sotu-1m", "sotu", "code")
 SPEED_CHARS = 120_000  # characters timed per speed measurement (after 3 warm-up steps)
 
-# Hand configurations: each changes a few settings from the built-in defaults.
+# Hand configurations: each changes a few settings from the built-in defaults. "ema": "auto"
+# takes the planner's decay for the run's steps and passes (`charlm.plan.ema_for`).
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "h128": {"hidden_size": 128},
-    "h192": {"hidden_size": 192},
-    "h384": {"hidden_size": 384, "lr": 0.007},
-    "h512": {"hidden_size": 512, "lr": 0.005},
-    "d1": {"dropout": 0.1},
-    "d2": {"dropout": 0.2},
-    "d3": {"dropout": 0.3},
-    "h384d2": {"hidden_size": 384, "dropout": 0.2, "lr": 0.007},
-    "h384d3": {"hidden_size": 384, "dropout": 0.3, "lr": 0.007},
-    "h512d2": {"hidden_size": 512, "dropout": 0.2, "lr": 0.005},
-    "h512d3": {"hidden_size": 512, "dropout": 0.3, "lr": 0.005},
-    "h512d4": {"hidden_size": 512, "dropout": 0.4, "lr": 0.005},
-    "b64": {"batch_size": 64, "seq_len": 64, "lr": 0.005},
-    "b64d1": {"batch_size": 64, "seq_len": 64, "lr": 0.005, "dropout": 0.1},
-    "lr5": {"lr": 0.005},
-    "lr20": {"lr": 0.02},
-    "gru": {"cell": "gru", "lr": 0.005},
+    **{f"w{w}e": {"hidden_size": w, "lr": round(0.01 * (256 / w) ** 0.5, 5), "ema": "auto"}
+       for w in (128, 192, 256, 384, 512, 768)},
+    **{f"w{w}d{d}e": {"hidden_size": w, "lr": round(0.01 * (256 / w) ** 0.5, 5), "dropout": d / 10, "ema": "auto"}
+       for w in (256, 384, 512, 768) for d in (1, 2, 3)},
+    "w256": {"hidden_size": 256},
+    "w384": {"hidden_size": 384, "lr": 0.008},
+    "gru256e": {"cell": "gru", "lr": 0.005, "ema": "auto"},
 }
 
 
@@ -206,9 +197,13 @@ def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s
     speed = speed_of(work, settings)
     steps = planned_steps(settings, BUDGETS[budget] - probe_s, speed, chars)
     train_chars = chars - int(chars * 0.05)
+    passes = steps * _per_batch(settings) / train_chars
+    if settings.get("ema") == "auto":
+        from charlm.plan import ema_for
+
+        settings = {**settings, "ema": ema_for(steps, passes)}
     return {"cell": cell, "config": name, "settings": settings, "corpus": str(path), "steps": steps,
-            "speed_cpu": round(speed), "corpus_chars": chars, "plan": plan,
-            "passes": round(steps * _per_batch(settings) / train_chars, 2)}
+            "speed_cpu": round(speed), "corpus_chars": chars, "plan": plan, "passes": round(passes, 2)}
 
 
 def _per_batch(settings: dict[str, Any]) -> int:

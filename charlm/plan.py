@@ -35,6 +35,7 @@ CHARS_PER_PARAM = 10.0  # the least characters per parameter a wider model must 
 DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes), from 1 pass on ...
 MAX_DROPOUT = 0.4  # ... up to this
 BASE_LR, BASE_WIDTH = 1e-2, 256
+EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
 EVAL_SHARE = 0.03  # of a --time budget that evaluations and saving take
 PROBE_STEPS = 5  # timed steps per shape the probe measures (after three warm-up steps)
 FIELDS = ("hidden_size", "num_layers", "embedding_size", "dropout", "batch_size", "seq_len", "lr")
@@ -105,6 +106,17 @@ def dropout_for(passes: float) -> float:
     if passes <= 1.0:
         return 0.0
     return round(min(MAX_DROPOUT, DROPOUT_PER_LOG_PASS * math.log(passes)), 2)
+
+
+def ema_for(steps: float, passes: float) -> float:
+    """Decay of the weight average for a run of `steps` that sees its text `passes` times.
+
+    Its window (1 / (1 - decay)) spans a share of the run that grows with the passes: while
+    the model still improves fast (few passes) a long average would lag behind it; once it
+    sees the text many times, averaging over a quarter of the run smooths out the noise of
+    overfitting (benchmarks/averaging.py)."""
+    share = min(EMA_MAX_SHARE, max(EMA_MIN_SHARE, EMA_SHARE_PER_PASS * passes))
+    return round(1 - 1 / max(10.0, share * steps), 5)
 
 
 def lr_for(width: int) -> float:
