@@ -195,9 +195,10 @@ def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s
     path = corpus_path(work, corpus)
     chars = len(path.read_text(encoding="utf-8"))
     speed = speed_of(work, settings)
-    steps = planned_steps(settings, BUDGETS[budget] - probe_s, speed, chars)
+    fixed = {k: v for k, v in settings.items() if v != "auto"}  # "auto" is resolved below
+    steps = planned_steps(fixed, BUDGETS[budget] - probe_s, speed, chars)
     train_chars = chars - int(chars * 0.05)
-    passes = steps * _per_batch(settings) / train_chars
+    passes = steps * _per_batch(fixed) / train_chars
     if settings.get("ema") == "auto":
         from charlm.plan import ema_for
 
