@@ -51,6 +51,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "w256": {"hidden_size": 256},
     "w384": {"hidden_size": 384, "lr": 0.008},
     "gru256e": {"cell": "gru", "lr": 0.005, "ema": "auto"},
+    "fp32": {"precision": "fp32"},  # the default model in fp32 on a CPU with native bf16
+    "bf16": {"precision": "bf16"},
 }
 
 
@@ -111,10 +113,12 @@ def shape_key(settings: dict[str, Any]) -> str:
 
     cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
     m, t = cfg.model, cfg.train
-    return f"{m.cell}-{m.num_layers}x{m.hidden_size}-e{m.embedding_size}-d{m.dropout:g}-b{t.batch_size}x{t.seq_len}"
+    key = f"{m.cell}-{m.num_layers}x{m.hidden_size}-e{m.embedding_size}-d{m.dropout:g}-b{t.batch_size}x{t.seq_len}"
+    return key + ("" if cfg.session.precision == "auto" else f"-{cfg.session.precision}")
 
 
-SPEED_FIELDS = ("cell", "num_layers", "hidden_size", "embedding_size", "dropout", "batch_size", "seq_len")
+SPEED_FIELDS = ("cell", "num_layers", "hidden_size", "embedding_size", "dropout", "batch_size", "seq_len",
+                "precision")
 
 
 def measure_speed(settings: dict[str, Any]) -> float:
@@ -128,7 +132,8 @@ def measure_speed(settings: dict[str, Any]) -> float:
     cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
     shape = Shape.of(cfg)
     steps = max(4, SPEED_CHARS // (shape.batch_size * shape.seq_len))
-    return shape.batch_size * shape.seq_len / step_seconds(shape, 96, steps, torch.device("cpu"))
+    return shape.batch_size * shape.seq_len / step_seconds(shape, 96, steps, torch.device("cpu"),
+                                                           cfg.session.precision)
 
 
 def speed_of(work: Path, settings: dict[str, Any]) -> float:
