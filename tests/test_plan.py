@@ -11,12 +11,12 @@ import json
 import tomllib
 
 import pytest
+from conftest import TINY, tiny_flags
 
 from charlm import checkpoint
 from charlm.cli import app
 from charlm.config import RunConfig, build_config
 from charlm.plan import WIDTHS, Shape, apply_plan, dropout_for, make_plan
-from conftest import TINY, tiny_flags
 
 VOCAB = 90
 
