@@ -1,116 +1,319 @@
-"""Held-out bits per character after a fixed time budget on State of the Union.
+"""The quality panel: held-out bits per character for a budget, across corpora and budgets.
 
-    python benchmarks/quality.py --time 4m                       # the built-in default
-    python benchmarks/quality.py --time 4m --set hidden_size=512 --set lr=0.002
-    python benchmarks/quality.py --time 1m --sweep               # screen the sweep grid
+    python benchmarks/quality.py prepare WORK            # corpora and the speed table
+    python benchmarks/quality.py panel WORK --cells sotu@4m,code@1m --configs default,h384
+    python benchmarks/quality.py planner WORK --cells all   # what charlm's planner picks, run
+    python benchmarks/quality.py table WORK               # the markdown table of everything run
 
-Trains with charlm's own trainer (the last 5 % of the corpus, the latest speeches, held
-out), evaluates the final model on all of the held-out text, and prints one JSON line per
-run. `--sweep` runs the candidate grid below one after another and ends with a markdown
-table for benchmarks/RESULTS.md. Needs NLTK_DATA pointing at a folder with state_union.
+Corpora (built from NLTK's State of the Union and the Python standard library's own .py
+files; none goes into git): `sotu` (all of it, 2.07 M characters), `sotu-1m` and
+`sotu-250k` (its first 1 M / 250 k characters), `code` (the standard library without its
+tests, ~12 MB). Each run holds out the last 5 % of its corpus and is scored there (best
+validation bpc, the score of its best.pt, and the final one).
+
+Budgets are single-core seconds. Every configuration's speed is measured once as the CPU
+time of one thread (`time.process_time`, which other load on the machine does not change),
+and a run of budget B trains the steps that one core fits in B seconds (evaluations
+included, as `--time` plans them; the planner's own speed probe is charged too). The runs
+then go two at a time, one thread each, and their results do not depend on what else the
+machine is doing. `charlm train --time` on a quiet machine is checked separately (see
+benchmarks/RESULTS.md).
+
+Every result is appended to WORK/results.jsonl; `table` prints them per cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from charlm.config import RunConfig, build_config
-from charlm.encode import encode_corpus
-from charlm.session import fit
+BUDGETS = {"1m": 60.0, "4m": 240.0, "30m": 1800.0}
+CORPORA = ("sotu-250k", "sotu-1m", "sotu", "code")
+SPEED_CHARS = 120_000  # characters timed per speed measurement (after 3 warm-up steps)
 
-# Each candidate changes a few settings from the defaults; keep the list short enough to
-# screen at --time 1m, then confirm the best few at the real budget.
-SWEEP: list[dict[str, object]] = [
-    {},
-    {"batch_size": 16},
-    {"seq_len": 32},
-    {"batch_size": 16, "seq_len": 128},
-    {"hidden_size": 384},
-    {"hidden_size": 512, "num_layers": 1},
-    {"num_layers": 3},
-    {"lr": 0.006},
-    {"lr": 0.0015},
-    {"cell": "gru"},
-    {"hidden_size": 192},
-]
-# The screen's best directions, combined and confirmed at the real budget (--confirm).
-CONFIRM: list[dict[str, object]] = [
-    {"seq_len": 32},
-    {"cell": "gru", "seq_len": 32},
-    {"cell": "gru", "seq_len": 32, "lr": 0.006},
-    {"seq_len": 32, "lr": 0.006},
-    {"seq_len": 32, "lr": 0.006, "batch_size": 16},
-    {"seq_len": 32, "lr": 0.01},
-]
+# Hand configurations: each changes a few settings from the built-in defaults. "ema": "auto"
+# takes the planner's decay for the run's steps and passes (`charlm.plan.ema_for`).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    **{f"w{w}e": {"hidden_size": w, "lr": round(0.01 * (256 / w) ** 0.5, 5), "ema": "auto"}
+       for w in (128, 192, 256, 384, 512, 768)},
+    **{f"w{w}d{d}e": {"hidden_size": w, "lr": round(0.01 * (256 / w) ** 0.5, 5), "dropout": d / 10, "ema": "auto"}
+       for w in (256, 384, 512, 768) for d in (1, 2, 3)},
+    "w256": {"hidden_size": 256},
+    "w384": {"hidden_size": 384, "lr": 0.008},
+    "gru256e": {"cell": "gru", "lr": 0.005, "ema": "auto"},
+}
 
 
-def parse_set(items: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
+def machine() -> dict[str, str]:
+    """The CPU model and the flags that matter for speed (lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"cpu": platform.processor() or platform.machine()}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return {"cpu": fields.get("Model name", "?").strip(), "cores": fields.get("CPU(s)", "?").strip(),
+            "flags": " ".join(f for f in wanted if f in flags)}
+
+
+# --- corpora --------------------------------------------------------------------------------
+
+
+def prepare(work: Path) -> None:
+    """Write the panel's corpora into WORK (State of the Union needs NLTK_DATA)."""
+    from charlm.encode import encode_corpus
+
+    work.mkdir(parents=True, exist_ok=True)
+    sotu = encode_corpus(["nltk:state_union"])
+    text = sotu.vocab.decode(sotu.ids.tolist())
+    (work / "sotu.txt").write_text(text, encoding="utf-8")
+    (work / "sotu-1m.txt").write_text(text[:1_000_000], encoding="utf-8")
+    (work / "sotu-250k.txt").write_text(text[:250_000], encoding="utf-8")
+    cut = int(len(text) * 0.95)
+    (work / "sotu-first95.txt").write_text(text[:cut], encoding="utf-8")
+    (work / "sotu-last5.txt").write_text(text[cut:], encoding="utf-8")
+    lib = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    parts = []
+    for path in sorted(lib.rglob("*.py")):
+        rel = path.relative_to(lib).as_posix()
+        if "site-packages" in rel or "/test" in f"/{rel}" or "tests/" in rel:
+            continue
         try:
-            value: object = json.loads(raw)
-        except ValueError:
-            value = raw
-        out[key.strip()] = value
-    return out
+            parts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    (work / "code.txt").write_text("\n\n".join(parts), encoding="utf-8")
+    print(json.dumps({"prepared": str(work), "sotu_chars": len(text), "code_files": len(parts),
+                      "code_chars": sum(map(len, parts))}))
 
 
-def config_for(changes: dict[str, object], budget: str, seed: int) -> RunConfig:
-    return build_config(None, {**changes, "time": budget, "seed": seed, "preview_length": 0, "keep": 0})
+def corpus_path(work: Path, name: str) -> Path:
+    return work / f"{name}.txt"
 
 
-def run_one(changes: dict[str, object], budget: str, seed: int, corpus) -> dict[str, object]:
-    cfg = config_for(changes, budget, seed)
+# --- speed ----------------------------------------------------------------------------------
+
+
+def shape_key(settings: dict[str, Any]) -> str:
+    """What speed depends on: the model's shape, the batch layout, dropout and the cell."""
+    from charlm.config import build_config
+
+    cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
+    m, t = cfg.model, cfg.train
+    return f"{m.cell}-{m.num_layers}x{m.hidden_size}-e{m.embedding_size}-d{m.dropout:g}-b{t.batch_size}x{t.seq_len}"
+
+
+SPEED_FIELDS = ("cell", "num_layers", "hidden_size", "embedding_size", "dropout", "batch_size", "seq_len")
+
+
+def measure_speed(settings: dict[str, Any]) -> float:
+    """Characters per CPU-second of one thread, for these settings (runs in a child process)."""
+    import torch
+
+    from charlm.config import build_config
+    from charlm.plan import Shape, step_seconds
+
+    torch.set_num_threads(1)
+    cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
+    shape = Shape.of(cfg)
+    steps = max(4, SPEED_CHARS // (shape.batch_size * shape.seq_len))
+    return shape.batch_size * shape.seq_len / step_seconds(shape, 96, steps, torch.device("cpu"))
+
+
+def speed_of(work: Path, settings: dict[str, Any]) -> float:
+    """The cached single-thread speed of `settings`, measured now if it is not cached."""
+    table_path = work / "speeds.json"
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    key = shape_key(settings)
+    if key not in table:
+        out = subprocess.run([sys.executable, __file__, "speed", str(work), json.dumps(settings)],
+                             capture_output=True, text=True, env=_one_thread_env(), check=True)
+        table = json.loads(table_path.read_text()) if table_path.exists() else {}
+        table[key] = json.loads(out.stdout.strip().splitlines()[-1])["chars_per_cpu_s"]
+        table_path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    return float(table[key])
+
+
+def _one_thread_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+# --- one run --------------------------------------------------------------------------------
+
+
+def planned_steps(settings: dict[str, Any], budget_s: float, speed: float, corpus_chars: int) -> int:
+    """Steps a `--time` run of `budget_s` plans at `speed` (the TimeBudget's own arithmetic)."""
+    from charlm.budget import BudgetState, TimeBudget
+    from charlm.config import build_config
+
+    cfg = build_config(None, settings)
+    per_batch = cfg.train.batch_size * cfg.train.seq_len
+    val = max(2, int(corpus_chars * cfg.train.val_fraction))
+    scored = min(val, cfg.train.eval_chars or val)
+    state = BudgetState(sec_per_step=per_batch / speed)
+    budget = TimeBudget(state, budget_s, None, cfg.session.eval_interval,
+                        lambda sps: scored * sps / per_batch / 3)
+    return budget.steps_for(budget_s, 0)
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration for its planned steps; runs in a child process (one thread)."""
+    import torch
+
+    from charlm.config import build_config
+    from charlm.rundir import RunDir
+    from charlm.session import fit
+
+    torch.set_num_threads(1)
+    cfg = build_config(None, {**job["settings"], "max_steps": job["steps"], "preview_length": 0, "keep": 0,
+                              "device": "cpu", "seed": job.get("seed", 1337)})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = fit(cfg, None, Path(tmp) / "run", corpus=corpus)
-        wall = time.perf_counter() - t0
-    return {
-        "changes": changes,
-        "time_budget": budget,
-        "val_bpc": round(result.last_val_bpc, 4),
-        "best_val_bpc": round(result.best_val_bpc, 4),
-        "steps": result.step,
-        "chars_seen": result.chars_seen,
-        "train_chars_per_s": round(result.chars_seen / result.elapsed),
-        "wall_s": round(wall, 1),
-    }
+        result = fit(cfg, [job["corpus"]], Path(tmp) / "run")
+        rows = RunDir(Path(tmp) / "run").read_metrics()
+    best = min(rows, key=lambda r: r["val_bpc"])
+    return {"best_val_bpc": round(best["val_bpc"], 4), "final_val_bpc": round(rows[-1]["val_bpc"], 4),
+            "final_train_bpc": round(rows[-1]["train_bpc"], 4), "best_at": round(best["step"] / result.step, 3),
+            "steps": result.step, "chars": result.chars_seen, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s: float = 0.0,
+             plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job for one configuration in one cell (corpus@budget)."""
+    corpus, budget = cell.split("@")
+    path = corpus_path(work, corpus)
+    chars = len(path.read_text(encoding="utf-8"))
+    speed = speed_of(work, settings)
+    fixed = {k: v for k, v in settings.items() if v != "auto"}  # "auto" is resolved below
+    steps = planned_steps(fixed, BUDGETS[budget] - probe_s, speed, chars)
+    train_chars = chars - int(chars * 0.05)
+    passes = steps * _per_batch(fixed) / train_chars
+    if settings.get("ema") == "auto":
+        from charlm.plan import ema_for
+
+        settings = {**settings, "ema": ema_for(steps, passes)}
+    return {"cell": cell, "config": name, "settings": settings, "corpus": str(path), "steps": steps,
+            "speed_cpu": round(speed), "corpus_chars": chars, "plan": plan, "passes": round(passes, 2)}
+
+
+def _per_batch(settings: dict[str, Any]) -> int:
+    from charlm.config import build_config
+
+    t = build_config(None, settings).train
+    return t.batch_size * t.seq_len
+
+
+def run_jobs(work: Path, jobs: list[dict[str, Any]], parallel: int) -> None:
+    done = _done(work)
+    todo = [j for j in jobs if (j["cell"], j["config"], json.dumps(j["settings"], sort_keys=True)) not in done]
+    with cf.ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(_child, j): j for j in todo}
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            row = {**job, **fut.result(), "machine": machine()["cpu"], "date": time.strftime("%Y-%m-%d")}
+            with open(work / "results.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("cell", "config", "best_val_bpc", "final_val_bpc",
+                                                   "passes", "steps", "wall_s")}), flush=True)
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "one", json.dumps(job)], capture_output=True, text=True,
+                         env=_one_thread_env())
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _done(work: Path) -> set[tuple[str, str, str]]:
+    path = work / "results.jsonl"
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["cell"], r["config"], json.dumps(r["settings"], sort_keys=True)) for r in rows}
+
+
+def cells(spec: str) -> list[str]:
+    if spec == "all":
+        return [f"{c}@{b}" for b in ("1m", "4m") for c in CORPORA] + ["sotu@30m"]
+    return spec.split(",")
+
+
+# --- the planner's choice -------------------------------------------------------------------
+
+
+def planner_job(work: Path, cell: str) -> dict[str, Any]:
+    """What charlm's planner picks for a cell, given the same single-core speeds."""
+    from charlm.config import RunConfig
+    from charlm.plan import make_plan
+
+    corpus, budget = cell.split("@")
+    chars = len(corpus_path(work, corpus).read_text(encoding="utf-8"))
+    train_chars = chars - int(chars * 0.05)
+    probes: list[float] = []
+
+    def speed(shape: Any) -> float:
+        probes.append(1.0)
+        return speed_of(work, shape.settings())
+
+    plan = make_plan(RunConfig(), set(), train_chars, 96, BUDGETS[budget], None, speed, "cpu")
+    # The real probe times a few steps of each shape it measures: charge what that costs.
+    probe_s = sum(plan.probe_seconds.values())
+    return schedule(work, cell, "planner", plan.settings, probe_s,
+                    plan={"why": plan.why, "passes": round(plan.passes, 2)})
+
+
+def table(work: Path) -> None:
+    rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines() if line.strip()]
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_cell.setdefault(r["cell"], []).append(r)
+    print("| cell | config | settings | passes | steps | best val bpc | final val bpc |")
+    print("|---|---|---|---|---|---|---|")
+    for cell in sorted(by_cell, key=lambda c: (BUDGETS[c.split("@")[1]], CORPORA.index(c.split("@")[0]))):
+        for r in sorted(by_cell[cell], key=lambda r: r["best_val_bpc"]):
+            s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
+            print(f"| {cell} | {r['config']} | {s} | {r['passes']} | {r['steps']:,} | "
+                  f"{r['best_val_bpc']:.4f} | {r['final_val_bpc']:.4f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--time", default="4m", help="training budget per run (DURATION)")
-    ap.add_argument("--set", action="append", default=[], help="override KEY=VALUE (repeatable)")
-    ap.add_argument("--sweep", action="store_true", help="run the screening grid")
-    ap.add_argument("--confirm", action="store_true", help="run the confirmation candidates")
-    ap.add_argument("--only", type=str, default="", help="comma list of sweep indices to run")
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("what", choices=["prepare", "panel", "planner", "table", "speed", "one"])
+    ap.add_argument("work", help="the panel's folder (for `one`: the job, as JSON)")
+    ap.add_argument("settings", nargs="?", default="{}", help="for `speed`: the settings, as JSON")
+    ap.add_argument("--cells", default="all")
+    ap.add_argument("--configs", default="default")
+    ap.add_argument("--parallel", type=int, default=2)
     args = ap.parse_args()
-    corpus = encode_corpus(None)  # nltk:state_union, encoded once for all runs
-    print(json.dumps({"machine": platform.processor() or platform.machine(),
-                      "python": sys.version.split()[0], "corpus_chars": len(corpus.ids)}), flush=True)
-    base = parse_set(args.set)
-    grid = SWEEP if args.sweep else CONFIRM if args.confirm else [{}]
-    if args.only:
-        grid = [grid[int(i)] for i in args.only.split(",")]
-    rows = []
-    for changes in grid:
-        row = run_one({**base, **changes}, args.time, args.seed, corpus)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if len(rows) > 1:
-        print(f"\n| changes from default | val bpc @ {args.time} | steps | chars/s |")
-        print("|---|---|---|---|")
-        for r in sorted(rows, key=lambda r: r["val_bpc"]):
-            name = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(default)"
-            print(f"| {name} | {r['val_bpc']:.4f} | {r['steps']} | {r['train_chars_per_s']:,} |")
+    if args.what == "one":  # child: args.work is the job
+        print(json.dumps(run_one(json.loads(args.work))))
+        return
+    work = Path(args.work)
+    if args.what == "prepare":
+        prepare(work)
+        print(json.dumps(machine()))
+    elif args.what == "speed":  # child: one speed measurement, printed
+        print(json.dumps({"chars_per_cpu_s": measure_speed(json.loads(args.settings))}))
+    elif args.what == "panel":
+        jobs = [schedule(work, cell, name, CONFIGS[name]) for cell in cells(args.cells)
+                for name in args.configs.split(",")]
+        run_jobs(work, jobs, args.parallel)
+    elif args.what == "planner":
+        run_jobs(work, [planner_job(work, cell) for cell in cells(args.cells)], args.parallel)
+    else:
+        table(work)
 
 
 if __name__ == "__main__":

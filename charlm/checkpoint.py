@@ -5,7 +5,8 @@ A checkpoint file is a dict of tensors and plain Python values only, so it alway
 is a `Checkpoint`, grouped by concern::
 
     format, version            "charlm", VERSION
-    model                      the weights (state dict)
+    model                      the weights to use (with --ema, the average), a state dict
+    live                       with --ema: the training weights themselves (for resume)
     config                     {"model", "train", "session"}: the run's settings
     vocab                      the characters, in id order
     optimizer, scaler          their state dicts
@@ -16,6 +17,7 @@ is a `Checkpoint`, grouped by concern::
     ranks                      per process: RNG states, loss window, weight digest
     corpus                     sources, documents, SHA-256 of their bytes, size, encoding
     trained_on                 device, precision, process count
+    planner                    what the planner chose and why (absent when it did not run)
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, renamed over the
 target with `os.replace`, and the folder is fsynced, so a crash at any moment leaves the
@@ -57,6 +59,7 @@ class Progress:
     last_val_bpc: float | None = None
     loss_window: list[float] = field(default_factory=lambda: [0.0, 0])  # bits sum, steps since the last eval
     data: dict[str, int] = field(default_factory=lambda: {"pos": 0, "epoch": 0})  # the batcher's position
+    since_best: int = 0  # evaluations since the best validation bpc (for --patience)
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Checkpoint:
     hidden: list[torch.Tensor] = field(default_factory=list)
     ranks: list[RankState] = field(default_factory=list)
     trained_on: TrainedOn = field(default_factory=TrainedOn)
+    planner: dict[str, Any] | None = None  # the plan's summary, reasons and numbers
+    live: dict[str, torch.Tensor] | None = None  # with --ema: the weights training goes on from
     file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,14 +104,16 @@ class Checkpoint:
                 "scaler": self.scaler, "progress": dataclasses.asdict(self.progress),
                 "plan": dataclasses.asdict(self.plan), "hidden": self.hidden,
                 "ranks": [dataclasses.asdict(r) for r in self.ranks],
-                "trained_on": dataclasses.asdict(self.trained_on)}
+                "trained_on": dataclasses.asdict(self.trained_on), "planner": self.planner, "live": self.live}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str) -> Checkpoint:
         return cls(model=d["model"], config=RunConfig.from_dict(d["config"], origin), vocab=d["vocab"],
                    corpus=d["corpus"], optimizer=d["optimizer"], scaler=d["scaler"],
                    progress=Progress(**d["progress"]), plan=BudgetState(**d["plan"]), hidden=d["hidden"],
-                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]))
+                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]),
+                   # Optional groups: runs set by hand have no plan, runs without --ema no live weights.
+                   planner=d.get("planner"), live=d.get("live"))
 
 
 def serialize(ck: Checkpoint) -> bytes:
@@ -175,7 +182,7 @@ def load(path: Path | str) -> Checkpoint:
 def _check_finite(ck: Checkpoint, path: Path) -> None:
     """Refuse weights that are not finite numbers (a run saved after it diverged): they sample
     nothing, score NaN and would resume into NaN."""
-    for name, t in ck.model.items():
+    for name, t in [*ck.model.items(), *(ck.live or {}).items()]:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CharLMError(f"{path}: its weights are not finite numbers (NaN or infinite, in {name}): "
                               "it was saved after training diverged and cannot be used; train again "

@@ -68,6 +68,10 @@ class TrainConfig:
     eval_chars: int = opt(250_000, "Held-out characters scored per evaluation, spread over the "
                           "held-out text (0 = all).", at_least=0)
     seed: int = opt(1337, "Random seed (same seed, same run).", at_least=0)
+    # Measured in benchmarks/averaging.py: the average scores better than the live weights,
+    # most of all when the run sees its text many times (see benchmarks/RESULTS.md).
+    ema: float = opt(0.0, "Keep an exponential moving average of the weights with this decay (0: off); "
+                     "evaluation, best.pt and sampling use the average.", at_least=0.0, below=1.0)
 
 
 @dataclass
@@ -83,6 +87,8 @@ class SessionConfig:
     compile: bool = opt(False, "Use torch.compile.")
     eval_interval: int = opt(200, "Steps between evaluations and checkpoints.", at_least=1)
     keep: int = opt(3, "Step-numbered checkpoints to keep (besides latest and best).", at_least=0)
+    patience: int = opt(0, "Stop early once held-out bpc has not improved for this many evaluations "
+                        "(0: train to the end).", at_least=0)
     preview_length: int = opt(200, "Characters per live sample at each evaluation (0: none).", at_least=0)
 
 
@@ -174,6 +180,14 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
             nested[section_of(key)][key] = value
     apply_overrides(cfg, nested, "command line")
     return cfg.validate()
+
+
+def explicit_settings(config_file: Path | None, flags: dict[str, Any]) -> set[str]:
+    """The settings the user chose (in the --config file or as a flag): a planner keeps them."""
+    chosen = {key for key, value in flags.items() if value is not None}
+    if config_file is not None:
+        chosen |= {key for values in sectioned(load_toml(config_file), str(config_file)).values() for key in values}
+    return chosen
 
 
 def to_toml(cfg: RunConfig) -> str:

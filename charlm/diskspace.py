@@ -30,9 +30,10 @@ CHECKPOINT_MARGIN = 32 * 1024  # RNG states, settings, vocabulary, zip headers
 SMALL_FILES = 256 * 1024  # config.toml, metrics.jsonl and loss.png, generously
 
 
-def checkpoint_bytes(parameters: int, hidden_values: int) -> int:
-    """Estimated size of one checkpoint (see the module docstring)."""
-    return 12 * parameters + 4 * hidden_values + CHECKPOINT_MARGIN
+def checkpoint_bytes(parameters: int, hidden_values: int, ema: bool = False) -> int:
+    """Estimated size of one checkpoint (see the module docstring; with --ema it also holds
+    the live weights: 4 more bytes per parameter)."""
+    return (16 if ema else 12) * parameters + 4 * hidden_values + CHECKPOINT_MARGIN
 
 
 def files_at_peak(keep: int) -> int:

@@ -73,6 +73,7 @@ class TrainResult:
     finished: bool  # False when a --time cap paused the run before its planned end
     checkpoints: list[Path] = field(default_factory=list)
     plot: Path | None = None  # loss.png, when the CLI drew one
+    stopped_early: bool = False  # --patience ended it: held-out bpc had stopped improving
 
 
 class Callbacks:

@@ -19,6 +19,8 @@ activation value (4 in fp32; 3 under bf16 / fp16 autocast, which keeps part of t
                                                                       (after the step: activations are freed)
     runtime                                  128 MiB                  allocator and kernel workspaces
     under torchrun                           + 4 P                    DDP's gradient buckets
+    with --ema                               + 4 P                    the average of the weights (and
+                                                                      + 4 P in the checkpoint)
 
     need = runtime + 16 P (+ 4 P) + max(activations, checkpoint)
 
@@ -90,8 +92,10 @@ def estimate(cfg: RunConfig, vocab_size: int, precision: str, world_size: int = 
     per_char = (m.num_layers * SAVED[m.cell] * m.hidden_size * a + SCRATCH[m.cell] * m.hidden_size * a
                 + m.embedding_size * (4 + a) + LOGIT_BYTES * vocab_size)
     p = parameter_count(cfg, vocab_size)
-    return Estimate(parameters=p, weights=(16 + (4 if world_size > 1 else 0)) * p,
-                    activations=math.ceil(chars * per_char), checkpoint=2 * (12 * p + CHECKPOINT_MARGIN))
+    ema = 4 if t.ema else 0
+    return Estimate(parameters=p, weights=(16 + ema + (4 if world_size > 1 else 0)) * p,
+                    activations=math.ceil(chars * per_char),
+                    checkpoint=2 * ((12 + ema) * p + CHECKPOINT_MARGIN))
 
 
 def available(device: torch.device) -> int | None:

@@ -116,10 +116,13 @@ def _describe(kind: type, meta: Any) -> str:
     lo = ("[", meta["at_least"]) if meta["at_least"] is not None else ("(", meta["above"])
     hi = ("]", meta["at_most"]) if meta["at_most"] is not None else (")", meta["below"])
     if lo[1] is not None and hi[1] is not None:
-        return f"{noun} in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        return f"{noun} in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
     if lo[1] is not None:
-        return f"{noun} {'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+        return f"{noun} {'>=' if lo[0] == '[' else '>'} {_num(lo[1])}"
     if hi[1] is not None:
-        return f"{noun} {'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+        return f"{noun} {'<=' if hi[0] == ']' else '<'} {_num(hi[1])}"
     return noun
 
+
+def _num(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"

@@ -134,7 +134,8 @@ class Reporter(Callbacks):
         if self.quiet:
             return
         best = "-" if result.best_val_bpc is None else f"{result.best_val_bpc:.4f}"
-        state = "finished" if result.finished else "paused (time budget reached)"
+        state = ("stopped early (held-out bpc had stopped improving: --patience)" if result.stopped_early
+                 else "finished" if result.finished else "paused (time budget reached)")
         out = result.out_dir
         lines = [
             f"charlm: {state} at step {result.step:,}"

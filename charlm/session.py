@@ -28,12 +28,14 @@ from charlm import checkpoint as ckpt_io
 from charlm import diskspace, memory
 from charlm.budget import Clock, TimeBudget
 from charlm.config import SESSION_KEYS, RunConfig, parse_duration, sectioned, to_toml
+from charlm.data import split
 from charlm.device import resolve_device, resolve_precision
 from charlm.distributed import Dist, env_rank, from_env, world_size
 from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError, CharLMWarning, WriteFailed
 from charlm.events import Callbacks, StartInfo, TrainResult
 from charlm.options import flag
+from charlm.plan import PROBE_STEPS, Plan, Shape, apply_plan, make_plan, step_seconds
 from charlm.rundir import RunDir
 from charlm.runlock import RunLock
 from charlm.train import PendingSignal, Trainer
@@ -45,8 +47,13 @@ def _no_signal() -> int:
 
 def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encoding: str | None = None,
         force: bool = False, callbacks: Callbacks | None = None, pending_signal: PendingSignal = _no_signal,
-        corpus: EncodedCorpus | None = None, clock: Clock = time.perf_counter) -> TrainResult:
-    """Train a new model on CORPUS `specs` (None: nltk:state_union) into `out_dir`."""
+        corpus: EncodedCorpus | None = None, clock: Clock = time.perf_counter,
+        explicit: set[str] | None = None) -> TrainResult:
+    """Train a new model on CORPUS `specs` (None: nltk:state_union) into `out_dir`.
+
+    With `explicit` (the settings the user chose), the planner fills in every other model
+    and recipe setting for this corpus, budget and machine (`charlm.plan`); without it,
+    `cfg` is used as it is."""
     cfg.validate()
     run_dir = RunDir(out_dir)
     lock = run_dir.lock(label=f"--out {run_dir.path}")
@@ -62,10 +69,22 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
         if corpus is None:
             corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
         callbacks.on_message(corpus_note(corpus))
+        plan = None
+        if explicit is not None:
+            # Before the planner's probe, which trains the shapes it tries: the settings the
+            # user chose may already be impossible.
+            need = _check_memory(cfg, len(corpus.vocab), device, d, resumed=False)
+            with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
+                cfg, plan = plan_run(cfg, explicit, corpus, device, time_cap, d)
+            callbacks.on_message(plan.summary())
+            if time_cap is not None:  # the probe was part of the budget
+                time_cap = max(1.0, time_cap - sum(plan.probe_seconds.values()))
         need = _check_memory(cfg, len(corpus.vocab), device, d, resumed=False)
         with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
             trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, run_dir, device, d)
-            d.all_or_none(lambda: _prepare_new(run_dir, cfg, force, trainer) if d.is_main else None)
+            trainer.planner = plan.record() if plan is not None else None
+            config = to_toml(cfg) + (plan.toml_comment() if plan is not None else "")
+            d.all_or_none(lambda: _prepare_new(run_dir, config, force, trainer) if d.is_main else None)
             callbacks.on_start(start_info(trainer, resumed=False))
             budget = _budget(trainer, time_cap, cfg.session.max_steps or None, clock)
             return trainer.loop(budget, callbacks, pending_signal)
@@ -79,11 +98,11 @@ def _lock_new(lock: RunLock, run_dir: RunDir, force: bool) -> None:
     run_dir.check_new(force)
 
 
-def _prepare_new(run_dir: RunDir, cfg: RunConfig, force: bool, trainer: Trainer) -> None:
+def _prepare_new(run_dir: RunDir, config: str, force: bool, trainer: Trainer) -> None:
     """Rank 0: empty the folder of an old run (--force), write the config, check the space."""
     run_dir.create(force)
     try:
-        run_dir.write_config(to_toml(cfg))
+        run_dir.write_config(config)
     except WriteFailed as exc:
         raise WriteFailed(f"{exc}; nothing of this run was trained or saved", exc.path) from None
     _warn_disk(trainer, existing=0)
@@ -101,10 +120,44 @@ def _warn_disk(trainer: Trainer, existing: int) -> None:
     """A warning when --out has less room than the run's checkpoints will take."""
     m, streams = trainer.cfg.model, trainer.cfg.train.batch_size * trainer.dist.world_size
     hidden = m.num_layers * streams * m.hidden_size * (2 if m.cell == "lstm" else 1)
-    size = diskspace.checkpoint_bytes(trainer.model.num_parameters(), hidden)
+    size = diskspace.checkpoint_bytes(trainer.model.num_parameters(), hidden, ema=bool(trainer.cfg.train.ema))
     note = diskspace.space_warning(trainer.run_dir.path, size, trainer.cfg.session.keep, existing)
     if note is not None:
         warnings.warn(note, CharLMWarning, stacklevel=3)
+
+
+def plan_run(cfg: RunConfig, explicit: set[str], corpus: EncodedCorpus, device: torch.device,
+             time_cap: float | None, d: Dist | None = None) -> tuple[RunConfig, Plan]:
+    """The planner's choice for this corpus, budget and machine, and the config it gives.
+    Rank 0 measures and plans; every rank gets its plan."""
+    d = d or Dist()
+    plan = None
+    if d.is_main:
+        precision = resolve_precision(cfg.session.precision, device)
+        vocab = len(corpus.vocab)
+
+        def speed(shape: Shape) -> float:
+            # Every process trains its own batch: the run's speed is the world's.
+            seconds = step_seconds(shape, vocab, PROBE_STEPS, device, precision, clock=time.perf_counter)
+            return shape.batch_size * shape.seq_len * d.world_size / seconds
+
+        train_chars = len(split(corpus.ids, cfg.train.val_fraction).train)
+        plan = make_plan(cfg, explicit, train_chars, vocab, time_cap,
+                         (cfg.session.max_steps or None), speed, device.type)
+    plan = d.broadcast(plan)
+    assert plan is not None
+    return RunConfig.from_dict(apply_plan(cfg.to_dict(), plan.settings)).validate(), plan
+
+
+def dry_plan(cfg: RunConfig, specs: list[str] | None, explicit: set[str], *, encoding: str | None = None,
+             callbacks: Callbacks | None = None) -> tuple[RunConfig, Plan]:
+    """What `fit` would train, without training: the plan and the config it gives."""
+    cfg.validate()
+    callbacks = callbacks or Callbacks()
+    corpus = encode_corpus(specs, encoding, progress=callbacks.on_progress)
+    callbacks.on_message(corpus_note(corpus))
+    time_cap = parse_duration(cfg.session.time) if cfg.session.time else None
+    return plan_run(cfg, explicit, corpus, resolve_device(cfg.session.device), time_cap)
 
 
 @dataclass

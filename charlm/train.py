@@ -14,6 +14,7 @@ its checkpoint holds every rank's state (`charlm.checkpoint.merge_ranks`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 from collections.abc import Callable
@@ -94,12 +95,16 @@ class Trainer:
             # takes the same step and the weights stay identical.
             net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.session.compile else net
+        # With --ema: an average of the weights, updated after every step, is the model that is
+        # evaluated, saved as the weights and sampled from; the live weights go on training.
+        self.average: CharRNN | None = copy.deepcopy(self.model) if tc.ema else None
         ac_dtype = autocast_dtype(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=ac_dtype)) if ac_dtype else contextlib.nullcontext
         self.progress = Progress()
         self.plan = BudgetState()
         self.hidden: State | None = None  # carried from batch to batch
         self.last_eval_step = -1
+        self.planner: dict[str, Any] | None = None  # what the planner chose, kept in checkpoints
         # The checkpoint to continue from should this session fail (None: nothing saved yet).
         self.last_saved: tuple[Path, int] | None = None
 
@@ -115,24 +120,29 @@ class Trainer:
             return None
         ranks, all_hidden, window = merge_ranks(gathered, self.progress.step)
         progress = Progress(**{**self.progress.__dict__, "loss_window": window, "data": self.batcher.state_dict()})
+        live = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return Checkpoint(
-            model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            model={k: v.detach().cpu() for k, v in self.best_model.state_dict().items()},
+            live=live if self.average is not None else None,
             config=self.cfg, vocab=self.vocab.chars, corpus=self.corpus,
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
             progress=progress, plan=self.plan, hidden=all_hidden, ranks=ranks,
-            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)))
+            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)), planner=self.planner)
 
     def load(self, ck: Checkpoint, path: Path | None = None) -> None:
         """Continue from `ck` (this rank's share of it), read from `path`."""
         if path is not None:
             self.last_saved = (path, ck.progress.step)
-        self.model.load_state_dict(ck.model)
+        self.model.load_state_dict(ck.live if ck.live is not None else ck.model)
+        if self.average is not None:
+            self.average.load_state_dict(ck.model)
         self.optimizer.load_state_dict(ck.optimizer)
         if ck.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck.scaler)
         self.progress = Progress(**ck.progress.__dict__)
         self.plan = BudgetState(**ck.plan.__dict__)
+        self.planner = ck.planner
         self.batcher.load_state_dict(ck.progress.data)
         d = self.dist
         # This rank's rows of the run's hidden state (all of it in a single process).
@@ -147,6 +157,20 @@ class Trainer:
         else:  # a run resumed in more processes than it had: fresh, distinct dropout streams
             self.progress.loss_window = [0.0, 0]
             torch.manual_seed(self.cfg.train.seed + RANK_SEED_STRIDE * d.rank + self.progress.step)
+
+    @property
+    def best_model(self) -> CharRNN:
+        """The weights to evaluate, save and sample from: the average when there is one."""
+        return self.average if self.average is not None else self.model
+
+    def _update_average(self, step: int) -> None:
+        """Move the average toward the live weights; early on it follows them closely (the
+        decay ramps up), so the first weights, still random, fade out fast."""
+        if self.average is None:
+            return
+        decay = min(self.cfg.train.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.average.parameters()), list(self.model.parameters()), 1 - decay)
 
     def save(self, best: bool, step_file: bool) -> list[Path]:
         """Write latest.pt (and best.pt / a step file), each atomically. Every rank calls this
@@ -183,7 +207,8 @@ class Trainer:
 
     def _check_weights(self) -> None:
         """Refuse to save weights that are not finite (the step check should have caught it)."""
-        if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        models = [self.model] if self.average is None else [self.model, self.average]
+        if all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
             return
         raise Diverged(divergence.message(self.progress.step, "the weights are not finite",
                                           self.cfg.train.lr, self.last_good()), self.progress.step)
@@ -197,8 +222,8 @@ class Trainer:
         if budget.total_steps is not None:
             callbacks.on_plan(budget.total_steps)
         saved: list[Path] = []
-        finished = True
-        while budget.running(p.step):
+        finished, early = True, False
+        while budget.running(p.step) and not early:
             tick, signum = self._stop_check(budget, pending_signal, callbacks)
             if signum:
                 latest = self.save(best=False, step_file=False)[-1]
@@ -210,6 +235,8 @@ class Trainer:
             callbacks.on_step(self._step(budget, tick.now))
             if p.step % self.cfg.session.eval_interval == 0 or budget.at_end(p.step):
                 saved = self._evaluate_and_save(budget, callbacks)
+                patience = self.cfg.session.patience
+                early = bool(patience) and p.since_best >= patience and not budget.at_end(p.step)
         if not finished and p.step and self.last_eval_step != p.step:
             # Stopped by the clock before the plan's end: still evaluate (best.pt) and save.
             saved = self._evaluate_and_save(budget, callbacks)
@@ -217,7 +244,7 @@ class Trainer:
             saved = self.save(best=False, step_file=False)
         d.barrier()  # no rank returns (and reads a checkpoint) before rank 0 has written it
         return TrainResult(self.run_dir.path, p.step, budget.total_steps, p.chars_seen, p.elapsed,
-                           p.best_val_bpc, p.last_val_bpc, finished, saved)
+                           p.best_val_bpc, p.last_val_bpc, finished, saved, stopped_early=early)
 
     def _stop_check(self, budget: TimeBudget, pending_signal: PendingSignal,
                     callbacks: Callbacks) -> tuple[Tick, int]:
@@ -261,6 +288,7 @@ class Trainer:
         self._check_step(bpc, None if self.scaler.is_enabled() else float(norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._update_average(p.step)
         # Keep the values (context) but cut the graph: truncated BPTT over seq_len steps.
         self.hidden = detach_state(hidden)
         dt = clock() - t0
@@ -293,13 +321,14 @@ class Trainer:
         windows = d.gather(p.loss_window) or []
         val_bpc = 0.0
         if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
-            val_bpc, _ = evaluate(self.model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
+            val_bpc, _ = evaluate(self.best_model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
         val_bpc = d.broadcast(val_bpc)
         if not math.isfinite(val_bpc):
             raise Diverged(divergence.message(p.step, "the validation loss is not a number", self.cfg.train.lr,
                                               self.last_good()), p.step)
         self.last_eval_step = p.step
         improved = p.best_val_bpc is None or val_bpc < p.best_val_bpc
+        p.since_best = 0 if improved else p.since_best + 1
         if improved:
             p.best_val_bpc = val_bpc
         p.last_val_bpc = val_bpc
@@ -334,7 +363,7 @@ class Trainer:
             return []
         from charlm.sample import SampleOptions, Sampler
 
-        sampler = Sampler(self.model, self.vocab, self.device)
+        sampler = Sampler(self.best_model, self.vocab, self.device)
         out = [(t, "".join(sampler.generate(SampleOptions(length=n, temperature=t, seed=self.progress.step))))
                for t in PREVIEW_TEMPERATURES]
         self.model.train()

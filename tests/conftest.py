@@ -40,7 +40,8 @@ def tiny_flags(**settings: Any) -> list[str]:
     return [arg for key, value in {**TINY_SETTINGS, **settings}.items() for arg in (flag(key), str(value))]
 
 
-TINY = [*tiny_flags(), "--no-preview", "--quiet"]  # quiet, no previews
+# Quiet, no previews, and exactly these settings (no planner: tests of the planner say so).
+TINY = [*tiny_flags(), "--no-planner", "--no-preview", "--quiet"]
 CHARS_PER_STEP = TINY_SETTINGS["batch_size"] * TINY_SETTINGS["seq_len"]
 RUN_STEPS = 30  # the shared run: evaluations at steps 10, 20 and 30
 

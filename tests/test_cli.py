@@ -82,9 +82,10 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_values(trained_run, n
     _plain(ck)
     assert ck["format"] == "charlm" and ck["version"] == 2
     assert set(ck) == {"format", "version", "model", "config", "vocab", "corpus", "optimizer", "scaler",
-                       "progress", "plan", "hidden", "ranks", "trained_on"}
+                       "progress", "plan", "hidden", "ranks", "trained_on", "planner", "live"}
+    assert ck["planner"] is None and ck["live"] is None  # TINY: no planner, no weight average
     assert set(ck["progress"]) == {"step", "chars_seen", "elapsed", "best_val_bpc", "last_val_bpc",
-                                   "loss_window", "data"}
+                                   "loss_window", "data", "since_best"}
     assert set(ck["ranks"][0]["rng"]) == {"torch", "python"}
     assert ck["vocab"] == "".join(sorted(set(TEXT)))
     assert all(isinstance(v, torch.Tensor) for v in ck["model"].values())

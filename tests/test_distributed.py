@@ -26,7 +26,7 @@ from charlm import checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers in /proc")
 
-MODEL = [*tiny_flags(num_layers=2, device="cpu", precision="fp32"), "--no-preview"]
+MODEL = [*tiny_flags(num_layers=2, device="cpu", precision="fp32"), "--no-planner", "--no-preview"]
 
 
 def torchrun(*args: str) -> list[str]:

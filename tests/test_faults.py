@@ -531,13 +531,16 @@ def test_the_checkpoint_size_estimate_is_close_above_the_real_size(trained_run, 
 IMPOSSIBLE = ["--batch-size", "100000", "--hidden-size", "4096"]
 
 
-def test_an_impossible_batch_is_refused_before_any_allocation(runner, corpus_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("planner", [False, True])
+def test_an_impossible_batch_is_refused_before_any_allocation(runner, corpus_file, tmp_path, monkeypatch, planner):
     def allocates(*args, **kwargs):
-        raise AssertionError("the trainer (model, optimizer, batch) was built")
+        raise AssertionError("a model was built (the trainer's, or one the planner's probe times)")
 
     monkeypatch.setattr(session, "Trainer", allocates)
+    monkeypatch.setattr(session, "step_seconds", allocates)
+    flags = [*tiny_flags(), "--no-preview", "--quiet"] if planner else TINY
     line = one_line_error(runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "run"),
-                                              *TINY, *IMPOSSIBLE]),
+                                              *flags, *IMPOSSIBLE]),
                           "charlm: error: this run needs about ", "GB of memory (a batch of 100,000 x 16 characters",
                           "is available in RAM; lower --batch-size (now 100000), --seq-len (now 16) or "
                           "--hidden-size (now 4096)")

@@ -13,12 +13,9 @@ import json
 import math
 import os
 import re
-import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from browser import CHROMIUM, HEADLESS, WebDriver, needs_chromium, needs_webdriver
 from conftest import TEXT, one_line_error, tiny_flags
 from typer.testing import CliRunner
 
@@ -40,7 +38,7 @@ from charlm.units import PROPERTIES, UnitMatch, correlations, find_units, text_p
 # A corpus with quotes, brackets and numbers, so the page has every property to look for.
 CORPUS = TEXT + 'He said "we will build (and we did) 1,250 homes" in 1945.\n' * 20
 # Two layers, so that layer numbers are tested too.
-FLAGS = [*tiny_flags(num_layers=2, hidden_size=16), "--no-preview", "--quiet"]
+FLAGS = [*tiny_flags(num_layers=2, hidden_size=16), "--no-planner", "--no-preview", "--quiet"]
 STEPS = 25
 HIDDEN, LAYERS = 16, 2
 # A short text (one eval row) with an unknown character in the middle and at the start.
@@ -403,12 +401,6 @@ def test_default_text_needs_the_corpus(run, tmp_path):
 
 # --- a real browser -----------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-CHROMEDRIVER = shutil.which("chromedriver")
-HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage"]
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
 SHOWN = {"\n": "\u21b5", " ": "\u2423", "\t": "\u21e5"}  # how the page shows invisible characters
 
 
@@ -459,73 +451,15 @@ def test_page_renders_in_chromium(page, tmp_path):
     assert changed[150:800, :800].sum() > 2000  # the neuron view recoloured the text
 
 
-class WebDriver:
-    """The few W3C WebDriver calls these tests need, over chromedriver's HTTP port (stdlib
-    only: no selenium, no websockets)."""
-
-    def __init__(self, profile: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.call("GET", "/status")["ready"]:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("chromedriver did not start")
-            time.sleep(0.1)
-        caps = {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": CHROMIUM, "args": [*HEADLESS, f"--user-data-dir={profile}", "--window-size=1200,900"]}}
-        self.session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())["value"]
-
-    def s(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.call(method, f"/session/{self.session}{path}", body)
-
-    def script(self, js: str) -> Any:
-        return self.s("POST", "/execute/sync", {"script": js, "args": []})
-
-    def element(self, css: str) -> dict[str, str]:
-        return self.s("POST", "/element", {"using": "css selector", "value": css})
-
-    def hover(self, element: dict[str, str]) -> None:
-        move = {"type": "pointerMove", "duration": 0, "origin": element, "x": 0, "y": 0}
-        self.s("POST", "/actions", {"actions": [{"type": "pointer", "id": "mouse",
-                                                 "parameters": {"pointerType": "mouse"}, "actions": [move]}]})
-
-    def click(self, element: dict[str, str]) -> None:
-        self.s("POST", f"/element/{next(iter(element.values()))}/click", {})
-
-    def close(self) -> None:
-        try:
-            self.s("DELETE", "")
-        finally:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-@needs_chromium
-@pytest.mark.skipif(CHROMEDRIVER is None, reason="chromedriver is not installed")
+@needs_webdriver
 def test_hover_shows_the_five_predictions(page):
     html, npz = page
     z = np.load(npz)
     text = "".join(z["chars"])
     with tempfile.TemporaryDirectory() as profile:
-        wd = WebDriver(profile)
+        wd = WebDriver(Path(profile), height=900)
         try:
-            wd.s("POST", "/url", {"url": html.as_uri()})
+            wd.open(html.as_uri())
             deadline = time.monotonic() + 30
             while wd.script("return document.body.dataset.ready || ''") != "1":
                 assert time.monotonic() < deadline, "page never became ready"
@@ -557,4 +491,4 @@ def test_hover_shows_the_five_predictions(page):
             assert state[:4] == ["on", layer, kind, number]
             assert state[4].startswith("rgb(")
         finally:
-            wd.close()
+            wd.quit()

@@ -167,7 +167,7 @@ def test_resume_without_the_saved_rng_would_differ(corpus_file, tmp_path):
 
 TOTAL = 300
 SIGNAL_FLAGS = [*tiny_flags(num_layers=2, dropout=0.3, eval_interval=25, warmup_steps=10, device="cpu",
-                            precision="fp32", max_steps=TOTAL), "--no-preview"]
+                            precision="fp32", max_steps=TOTAL), "--no-planner", "--no-preview"]
 
 
 def _signal_when_evaluating(proc: subprocess.Popen, signals: list[int], delay: float,
@@ -302,3 +302,21 @@ def test_resume_accepts_budget_cadence_and_device_changes(runner, run_copy, tmp_
     assert ck.progress.step == 40 and ck.plan.total_steps == 40
     assert ck.config.session.eval_interval == 5
     assert [r[0] for r in metrics(run_copy)] == [10, 20, 30, 35, 40]
+
+
+def test_a_run_with_a_weight_average_resumes_exactly(corpus_file, tmp_path):
+    """--ema: the average is the saved model, the live weights ride along; both resume exactly."""
+    cfg = dropout_config(20)
+    cfg.train.ema = 0.9
+    stopped, full = tmp_path / "stopped", tmp_path / "full"
+    rec = Recorder()
+    with pytest.raises(TrainingInterrupted):
+        session.fit(cfg, [str(corpus_file)], stopped, callbacks=rec,
+                    pending_signal=lambda: signal.SIGINT if rec.steps and rec.steps[-1][0] >= 7 else 0)
+    session.resume(stopped / "latest.pt")
+    session.fit(cfg, [str(corpus_file)], full)
+    models_equal(stopped / "latest.pt", full / "latest.pt")
+    a, b = checkpoint.load(stopped / "latest.pt"), checkpoint.load(full / "latest.pt")
+    assert a.live is not None and all(torch.equal(a.live[k], b.live[k]) for k in a.live)
+    assert any(not torch.equal(a.live[k], a.model[k]) for k in a.live)  # the average is not the live weights
+    assert metrics(stopped) == metrics(full)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
-from typer.testing import CliRunner
+from conftest import charlm_cmd, subprocess_env
 
 import charlm
-from charlm.cli import app, main
+from charlm.cli import main
 from charlm.config import ModelConfig
 from charlm.model import CharRNN
 from charlm.sample import Sampler, _read, _Stepper
@@ -32,16 +31,10 @@ PRIME = "The state of "
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, _one_thread) -> Path:
-    """A tiny checkpoint after 30 steps: it has learned something, yet many characters are
+def ckpt(trained_run) -> Path:
+    """The shared tiny run (30 steps): it has learned something, yet many characters are
     still plausible at each step (the top-k / top-p checks need that)."""
-    base = tmp_path_factory.mktemp("sample")
-    corpus = base / "speech.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    res = CliRunner().invoke(app, ["train", str(corpus), "--out", str(base / "run"),
-                                   "--max-steps", "30", *TINY])
-    assert res.exit_code == 0, res.output
-    return base / "run" / "latest.pt"
+    return trained_run / "latest.pt"
 
 
 @pytest.fixture(scope="module")

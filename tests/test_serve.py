@@ -16,12 +16,10 @@ below are bounded polls for a state, never assertions about speed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import http.client
 import io
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,7 +34,8 @@ from typing import Any
 
 import pytest
 import typer
-from conftest import TEXT, TINY, charlm_cmd, subprocess_env
+from browser import WebDriver, needs_webdriver
+from conftest import charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
 import charlm
@@ -53,14 +52,8 @@ PRIME = "The state of "
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, _one_thread) -> Path:
-    base = tmp_path_factory.mktemp("serve")
-    corpus = base / "speech.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    res = CliRunner().invoke(app, ["train", str(corpus), "--out", str(base / "run"),
-                                   "--max-steps", "30", *TINY])
-    assert res.exit_code == 0, res.output
-    return base / "run" / "latest.pt"
+def ckpt(trained_run) -> Path:
+    return trained_run / "latest.pt"
 
 
 @pytest.fixture(scope="module")
@@ -443,82 +436,25 @@ def test_serve_bad_flags_and_a_busy_port_exit_2(ckpt):
 
 # --- the playground in a real browser ----------------------------------------------------------
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), shutil.which("chromedriver")
-ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the WebDriver element reference key
-
-
-class WebDriver:
-    """Just enough of the W3C WebDriver protocol (over urllib) to drive headless Chromium."""
-
-    def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.call("GET", "/status")["ready"]:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "chromedriver did not start"
-            time.sleep(0.1)
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'profile'}", "--window-size=1200,800"]
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": str(CHROMIUM), "args": args}}}}
-        self.session = "/session/" + self.call("POST", "/session", caps)["sessionId"]
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body if body is not None else {}).encode() if method == "POST" else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())["value"]
-
-    def do(self, method: str, path: str, body: Any = None) -> Any:
-        return self.call(method, self.session + path, body)
-
-    def find(self, css: str) -> str:
-        return self.do("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
-
-    def js(self, script: str) -> Any:
-        return self.do("POST", "/execute/sync", {"script": script, "args": []})
-
-    def quit(self) -> None:
-        try:
-            self.call("DELETE", self.session)
-        finally:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-@pytest.mark.skipif(not CHROMIUM.exists() or CHROMEDRIVER is None,
-                    reason="needs Chromium and chromedriver (apt-get install chromium chromium-driver)")
+@needs_webdriver
 def test_playground_streams_text_into_the_page(server, tmp_path):
     PIL = pytest.importorskip("PIL.Image")
-    browser = WebDriver(tmp_path)
+    browser = WebDriver(tmp_path / "profile")
     try:
-        browser.do("POST", "/url", {"url": server.url + "/"})
+        browser.open(server.url + "/")
         for css, value in (("#prime", "The state of the"), ("#length", "400"), ("#seed", "21"),
                            ("#temperature", "0.9")):
-            el = browser.find(css)
-            browser.do("POST", f"/element/{el}/clear")
-            browser.do("POST", f"/element/{el}/value", {"text": value})
-        browser.do("POST", f"/element/{browser.find('#generate')}/click")
+            browser.type(css, value)
+        browser.click(browser.element("#generate"))
         deadline = time.monotonic() + 60
-        while browser.js("return document.getElementById('status').dataset.state") != "done":
-            assert time.monotonic() < deadline, browser.js("return document.body.innerText")
+        while browser.script("return document.getElementById('status').dataset.state") != "done":
+            assert time.monotonic() < deadline, browser.script("return document.body.innerText")
             time.sleep(0.1)
-        shown = browser.js("return document.getElementById('output').textContent")
-        generated = browser.js("return document.querySelector('#output .generated').textContent")
-        status = browser.js("return document.getElementById('status').textContent")
-        model = browser.js("return document.getElementById('model').textContent")
-        png = base64.b64decode(browser.do("GET", "/screenshot"))
+        shown = browser.script("return document.getElementById('output').textContent")
+        generated = browser.script("return document.querySelector('#output .generated').textContent")
+        status = browser.script("return document.getElementById('status').textContent")
+        model = browser.script("return document.getElementById('model').textContent")
+        png = browser.screenshot()
     finally:
         browser.quit()
     expected = server.generate(prime="The state of the", length=400, temperature=0.9, seed=21)["text"]

@@ -3,9 +3,9 @@ exit code. This package is the only place that prints or picks exit codes.
 
     app.py         the Typer app, errors -> one line + exit code, derived options, main()
     training.py    train, resume
-    generation.py  sample, novelty
+    generation.py  sample, novelty, chat
     reading.py     eval, info, plot, inspect
-    serving.py     serve
+    serving.py     serve, export
 """
 
 from __future__ import annotations

@@ -131,12 +131,13 @@ def _root(
     """Character-level LSTM/GRU/RNN text generator."""
 
 
-def derived_options(*classes: type, skip: tuple[str, ...] = (), unset: bool = True
+def derived_options(*classes: type, skip: tuple[str, ...] = (), only: tuple[str, ...] = (), unset: bool = True
                     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command one option per declared field of `classes` (`charlm.options.opt`): its
     flag, type, help and short alias come from the field, so each option is written once.
-    The command receives them as keyword arguments (`**settings`). With `unset`, an option
-    not given on the command line is None (a --config file or the built-in default decides)."""
+    The command receives them as keyword arguments (`**settings`); `skip` leaves fields out,
+    `only` keeps just those. With `unset`, an option not given on the command line is None
+    (a --config file or the built-in default decides)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         from charlm.options import declared, flag
@@ -146,7 +147,7 @@ def derived_options(*classes: type, skip: tuple[str, ...] = (), unset: bool = Tr
         added = []
         for cls in classes:
             for f, kind in declared(cls):
-                if f.name in skip:
+                if f.name in skip or (only and f.name not in only):
                     continue
                 names = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag(f.name)]
                 names += [f.metadata["short"]] if f.metadata["short"] else []

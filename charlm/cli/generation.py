@@ -1,4 +1,5 @@
-"""`charlm sample` and `charlm novelty`: text from a model, and how much of it is copied."""
+"""`charlm sample`, `novelty` and `chat`: text from a model, how much of it is copied, and an
+interactive session."""
 
 from __future__ import annotations
 
@@ -135,3 +136,21 @@ def novelty_cmd(
     print(json.dumps(report, ensure_ascii=False) if as_json else format_report(report))
 
 
+
+
+@app.command()
+@handle_errors
+@derived_options(SampleOptions, only=("temperature", "length", "top_k", "top_p", "seed"), unset=False)
+def chat(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to talk to (loaded once).")],
+    device: DeviceOpt = "cpu",
+    **options: Any,
+) -> None:
+    """Interactive session: each line is a prime, its continuation streams back; /help lists
+    commands (/temperature, /length, /top-k, /top-p, /seed change the starting options).
+    From a pipe: one continuation per input line on stdout."""
+    from charlm.api import load
+    from charlm.chat import ChatSession, run
+
+    session = ChatSession(SampleOptions(**options))
+    run(load(checkpoint, device=device), session)

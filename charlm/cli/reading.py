@@ -75,7 +75,8 @@ def info(
             ("trained on", f"{data['device_trained']} ({data['precision']})"
              + (f" x {data['processes']} processes" if data["processes"] > 1 else "")),
             ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
-            ("corpus sha256", str(c["sha256"]))]
+            ("corpus sha256", str(c["sha256"])),
+            ("plan", data["plan"] or "- (settings as given)")]
     for section, values in data["config"].items():
         rows.extend((f"{section}.{k}", str(v)) for k, v in values.items())
     print(_table(rows))

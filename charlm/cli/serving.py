@@ -1,10 +1,11 @@
-"""`charlm serve`: the HTTP API and playground page, run by uvicorn."""
+"""`charlm serve` and `charlm export`: a model used from anywhere (an HTTP API with a
+playground page, run by uvicorn; an ONNX file for any ONNX runtime)."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -53,3 +54,24 @@ def serve(
     config = uvicorn.Config(create_app(lm, settings), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write: the one-step model.")],
+    vocab: Annotated[Optional[Path], typer.Option(
+        "--vocab", help="Vocabulary JSON to write (default: ONNX_FILE.vocab.json).")] = None,
+) -> None:
+    """Write the one-step model (char id and state in, logits and state out) as ONNX, and its
+    vocabulary as JSON, for any ONNX runtime (needs `pip install 'charlm[export]'`)."""
+    from charlm.export import check_installed, export_onnx, vocab_path
+
+    check_installed()  # before loading: the missing package is the first thing to say
+    from charlm.api import load
+
+    meta = export_onnx(load(checkpoint), onnx, vocab)
+    err(f"charlm: wrote {onnx} ({meta['cell']} {meta['num_layers']}x{meta['hidden_size']}, "
+        f"inputs {meta['input']}, {', '.join(meta['state_inputs'])}) and "
+        f"{vocab or vocab_path(onnx)} ({meta['vocab_size']} characters)")

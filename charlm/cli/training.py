@@ -23,6 +23,7 @@ from charlm.cli.app import (
     handle_errors,
 )
 from charlm.config import ModelConfig, SessionConfig, TrainConfig
+from charlm.errors import CharLMError
 from charlm.events import Callbacks, TrainResult
 
 
@@ -65,19 +66,36 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Output folder for checkpoints and metrics.")] = DEFAULT_OUT,
     encoding: EncodingOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a run.")] = False,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Print the plan (model and recipe for this corpus, budget and machine) and exit.")] = False,
+    planner: Annotated[bool, typer.Option(
+        "--planner/--no-planner", help="Let the planner choose every setting you do not set "
+        "(--no-planner: the built-in defaults).")] = True,
     no_preview: NoPreview = False,
     quiet: QuietOpt = False,
     **settings: Any,
 ) -> None:
     """Train a new model on CORPUS (default: nltk:state_union)."""
-    from charlm.config import build_config
-    from charlm.session import fit
+    from charlm.config import build_config, explicit_settings
+    from charlm.session import dry_plan, fit
 
     if no_preview:
         settings["preview_length"] = 0
     cfg = build_config(config, settings)
+    explicit = explicit_settings(config, settings) if planner else None
+    if plan:
+        if explicit is None:
+            raise CharLMError("--plan: nothing to plan with --no-planner")
+        _, chosen = dry_plan(cfg, corpus, explicit, encoding=encoding)
+        print(chosen.summary())
+        for line in chosen.why:
+            print(f"  {line}")
+        for key in sorted(chosen.settings):
+            print(f"  --{key.replace('_', '-')} {chosen.settings[key]}")
+        return
     _with_progress(quiet, lambda callbacks, stop: fit(
-        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop))
+        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop,
+        explicit=explicit))
 
 
 def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult]) -> None:

@@ -1,0 +1,118 @@
+"""Everything worth measuring on a GPU, in one command that prints JSON lines.
+
+    NLTK_DATA=../shared/data/nltk_data python benchmarks/gpu.py            # 1 and 4 minutes
+    NLTK_DATA=../shared/data/nltk_data python benchmarks/gpu.py --budgets 1m --corpus notes.txt
+
+1. The device: name, memory, PyTorch and CUDA versions, whether bf16 is supported.
+2. Speed: chars/s of a training step for the planner's candidate widths (2-layer LSTM,
+   batch 128 x 128, the planner's GPU layout), in bf16 and in fp32.
+3. Quality: `charlm train --time B` as a user runs it (the planner on, the default corpus
+   State of the Union, its last 5 % held out) for each budget, in bf16 and in fp32: the plan,
+   the steps, chars/s and the held-out bpc (best and final).
+4. Sampling: chars/s of one stream and of a batch of 64, on the GPU.
+
+Copy the lines into benchmarks/RESULTS.md with the device and the date. Needs a CUDA GPU;
+without one it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def emit(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {"device": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "bf16": torch.cuda.is_bf16_supported(), "date": time.strftime("%Y-%m-%d")}
+
+
+def speeds(vocab: int) -> None:
+    import torch
+
+    from charlm.plan import WIDTHS, Shape, step_seconds
+
+    device = torch.device("cuda")
+    for precision in ("bf16", "fp32"):
+        for width in WIDTHS:
+            shape = Shape(hidden_size=width, batch_size=128, seq_len=128)
+            sec = step_seconds(shape, vocab, 10, device, precision, clock=time.perf_counter)
+            emit({"what": "speed", "precision": precision, "hidden_size": width, "batch": "128x128",
+                  "chars_per_s": round(shape.batch_size * shape.seq_len / sec)})
+
+
+def quality(corpus: list[str] | None, budget: str, precision: str) -> None:
+    from charlm.config import build_config
+    from charlm.events import Callbacks
+    from charlm.rundir import RunDir
+    from charlm.session import fit
+
+    notes: list[str] = []
+
+    class Notes(Callbacks):
+        def on_message(self, text: str) -> None:
+            notes.append(text)
+
+    settings = {"time": budget, "precision": precision, "device": "cuda", "preview_length": 0}
+    cfg = build_config(None, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = fit(cfg, corpus, Path(tmp) / "run", callbacks=Notes(), explicit=set(settings))
+        wall = time.perf_counter() - t0
+        rows = RunDir(Path(tmp) / "run").read_metrics()
+    emit({"what": "quality", "corpus": corpus or ["nltk:state_union"], "budget": budget, "precision": precision,
+          "plan": next((n for n in notes if n.startswith("plan:")), None), "steps": result.step,
+          "chars_per_s": round(result.chars_seen / max(result.elapsed, 1e-9)),
+          "best_val_bpc": round(min(r["val_bpc"] for r in rows), 4), "final_val_bpc": round(rows[-1]["val_bpc"], 4),
+          "wall_s": round(wall, 1)})
+
+
+def sampling(corpus: list[str] | None) -> None:
+    from charlm.api import load
+    from charlm.config import build_config
+    from charlm.sample_options import SampleOptions
+    from charlm.session import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(None, {"max_steps": 50, "device": "cuda", "preview_length": 0})
+        fit(cfg, corpus, Path(tmp) / "run")
+        lm = load(Path(tmp) / "run" / "latest.pt", device="cuda")
+        for rows in (1, 64):
+            t0 = time.perf_counter()
+            steps = sum(1 for _ in lm.stream_batch(SampleOptions(length=2000, num_samples=rows, seed=1)))
+            emit({"what": "sample", "rows": rows, "chars_per_s": round(steps * rows / (time.perf_counter() - t0))})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="1m,4m")
+    ap.add_argument("--corpus", action="append", help="CORPUS spec(s) (default: nltk:state_union)")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu.py: no CUDA GPU here; run it where `torch.cuda.is_available()` is true",
+              file=sys.stderr)
+        sys.exit(2)
+    emit({"what": "device", **device_info()})
+    speeds(96)
+    for budget in args.budgets.split(","):
+        for precision in ("bf16", "fp32"):
+            quality(args.corpus, budget, precision)
+    sampling(args.corpus)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The planner: corpus size x measured speed x budget -> the model and the recipe.
+
+Before a run, charlm knows how much text it has and how long it may train. A short probe on
+this machine and device tells how many characters per second each candidate shape trains;
+from these the planner predicts how many characters the budget buys (C), how many passes
+over the text that is (E = C / training characters) and how many characters each weight
+sees (C / parameters), and chooses by a rule fitted to the quality panel
+(benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
+
+- width: the widest LSTM (2 layers) whose budget still gives each parameter at least
+  `CHARS_PER_PARAM` characters: a wider network learns more per character but sees fewer
+  of them, and below that ratio it has not seen enough text to be worth its size;
+- dropout: none while the run sees the text about once; as passes grow it overfits, so
+  dropout grows with the logarithm of the passes (`dropout_for`);
+- learning rate: the defaults' rate at width 256, scaled by (256 / width) ** 0.5;
+- the batch layout: 32 streams x 32 characters on a CPU, where small batches train as fast
+  per character as big ones and give more updates; on a GPU, which needs big batches to be
+  fast, 128 x 128.
+
+Whatever the user set (a flag or --config) is kept; the planner fills in the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from charlm.config import DEFAULT_MAX_STEPS, RunConfig
+
+WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
+CHARS_PER_PARAM = 10.0  # the least characters per parameter a wider model must get
+DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes), from 1 pass on ...
+MAX_DROPOUT = 0.4  # ... up to this
+BASE_LR, BASE_WIDTH = 1e-2, 256
+EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
+EVAL_SHARE = 0.03  # of a --time budget that evaluations and saving take
+PROBE_STEPS = 5  # timed steps per shape the probe measures (after three warm-up steps)
+FIELDS = ("hidden_size", "num_layers", "embedding_size", "dropout", "batch_size", "seq_len", "lr")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the speed of a training step depends on."""
+
+    hidden_size: int = 256
+    num_layers: int = 2
+    embedding_size: int = 64
+    batch_size: int = 32
+    seq_len: int = 32
+    dropout: float = 0.0
+    cell: str = "lstm"
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Shape:
+        m, t = cfg.model, cfg.train
+        return cls(m.hidden_size, m.num_layers, m.embedding_size, t.batch_size, t.seq_len, m.dropout, m.cell)
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def params(self, vocab_size: int) -> int:
+        """Parameters of the CharRNN of this shape (embedding, recurrent layers, head)."""
+        gates = {"lstm": 4, "gru": 3, "rnn": 1}[self.cell]
+        h, total, inp = self.hidden_size, vocab_size * self.embedding_size, self.embedding_size
+        for _ in range(self.num_layers):
+            total += gates * h * (inp + h) + 2 * gates * h
+            inp = h
+        return total + h * vocab_size + vocab_size
+
+
+@dataclass
+class Plan:
+    """The planner's choice and why."""
+
+    settings: dict[str, Any]  # config fields the planner filled (never one the user set)
+    shape: Shape
+    chars_per_s: float  # of the chosen shape, measured or predicted from the probes
+    chars: float  # characters the budget buys
+    passes: float
+    params: int
+    why: list[str] = field(default_factory=list)
+    probe_seconds: dict[str, float] = field(default_factory=dict)  # shape -> time its probe took
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the plan (plain values)."""
+        return {"summary": self.summary(), "why": list(self.why), "settings": dict(self.settings),
+                "chars_per_s": self.chars_per_s, "chars": self.chars, "passes": self.passes,
+                "params": self.params}
+
+    def toml_comment(self) -> str:
+        """The plan as comments for the run's config.toml."""
+        return "".join(f"# {line}\n" for line in [self.summary(), *self.why])
+
+    def summary(self) -> str:
+        s = self.shape
+        return (f"plan: {s.num_layers}x{s.hidden_size} {s.cell.upper()}, {self.params:,} parameters, "
+                f"dropout {s.dropout:g}, batch {s.batch_size}x{s.seq_len}, lr {self.settings.get('lr', '-')}; "
+                f"{self.chars_per_s:,.0f} chars/s -> {self.chars:,.0f} chars, {self.passes:.1f} passes")
+
+
+def dropout_for(passes: float) -> float:
+    """Dropout for a run that sees its text `passes` times."""
+    if passes <= 1.0:
+        return 0.0
+    return round(min(MAX_DROPOUT, DROPOUT_PER_LOG_PASS * math.log(passes)), 2)
+
+
+def ema_for(steps: float, passes: float) -> float:
+    """Decay of the weight average for a run of `steps` that sees its text `passes` times.
+
+    Its window (1 / (1 - decay)) spans a share of the run that grows with the passes: while
+    the model still improves fast (few passes) a long average would lag behind it; once it
+    sees the text many times, averaging over a quarter of the run smooths out the noise of
+    overfitting (benchmarks/averaging.py)."""
+    share = min(EMA_MAX_SHARE, max(EMA_MIN_SHARE, EMA_SHARE_PER_PASS * passes))
+    return round(1 - 1 / max(10.0, share * steps), 5)
+
+
+def lr_for(width: int) -> float:
+    return round(BASE_LR * math.sqrt(BASE_WIDTH / width), 5)
+
+
+def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: int,
+              time_cap: float | None, max_steps: int | None, speed: Callable[[Shape], float],
+              device_type: str) -> Plan:
+    """Choose the fields of `cfg` not in `explicit` for a budget of `time_cap` seconds or
+    `max_steps` steps (neither: the default step count), with `speed(shape)` the chars/s of a
+    shape on this machine (only asked when there is a time budget)."""
+    base = Shape.of(cfg)
+    if "batch_size" not in explicit and "seq_len" not in explicit and device_type == "cuda":
+        base = replace(base, batch_size=128, seq_len=128)
+    widths = [base.hidden_size] if "hidden_size" in explicit else list(WIDTHS)
+    timed: dict[str, float] = {}
+
+    def chars_of(shape: Shape) -> tuple[float, float]:
+        """(chars/s or 0, chars the budget buys) for a shape."""
+        if time_cap is None:
+            return 0.0, float((max_steps or DEFAULT_MAX_STEPS) * shape.batch_size * shape.seq_len)
+        t0 = time.perf_counter()
+        cps = speed(shape)
+        timed.setdefault(_name(shape), time.perf_counter() - t0)
+        return cps, cps * time_cap * (1 - EVAL_SHARE)
+
+    why = []
+    chosen = replace(base, hidden_size=widths[0])
+    for width in widths:  # narrow to wide: keep the widest that still gets enough text
+        shape = replace(base, hidden_size=width)
+        _, chars = chars_of(shape)
+        ratio = chars / shape.params(vocab_size)
+        if width == widths[0] or ratio >= CHARS_PER_PARAM:
+            chosen = shape
+        if ratio < CHARS_PER_PARAM:
+            why.append(f"{width} units would see {ratio:.1f} chars per parameter (< {CHARS_PER_PARAM:g})")
+            break
+    settings: dict[str, Any] = {}
+    if "hidden_size" not in explicit:
+        settings["hidden_size"] = chosen.hidden_size
+    if "batch_size" not in explicit and base.batch_size != cfg.train.batch_size:
+        settings["batch_size"], settings["seq_len"] = base.batch_size, base.seq_len
+    cps, chars = chars_of(chosen)
+    passes = chars / max(1, train_chars)
+    if "dropout" not in explicit:
+        dropout = dropout_for(passes)
+        chosen = replace(chosen, dropout=dropout)
+        settings["dropout"] = dropout
+        if dropout and time_cap is not None:  # dropout costs time: plan with its own speed
+            cps, chars = chars_of(chosen)
+            passes = chars / max(1, train_chars)
+    if "lr" not in explicit:
+        settings["lr"] = lr_for(chosen.hidden_size)
+    why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
+    return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
+
+
+def _name(shape: Shape) -> str:
+    return f"{shape.num_layers}x{shape.hidden_size} d{shape.dropout:g} b{shape.batch_size}x{shape.seq_len}"
+
+
+# --- measuring speed ------------------------------------------------------------------------
+
+
+def step_seconds(shape: Shape, vocab_size: int, steps: int, device: Any, precision: str = "auto",
+                 clock: Callable[[], float] = time.process_time) -> float:
+    """Seconds per training step of `shape` (forward, backward, clipping, AdamW), after three
+    warm-up steps, on random characters: speed does not depend on the text."""
+    import torch
+    import torch.nn.functional as F
+
+    from charlm.config import ModelConfig
+    from charlm.device import autocast_dtype, resolve_precision
+    from charlm.model import CharRNN
+
+    gen = torch.Generator().manual_seed(0)
+    model = CharRNN(ModelConfig(shape.cell, shape.num_layers, shape.hidden_size, shape.embedding_size,
+                                shape.dropout), vocab_size).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+    dtype = autocast_dtype(resolve_precision(precision, device))
+    x = torch.randint(0, vocab_size, (shape.batch_size, shape.seq_len + 1), generator=gen).to(device)
+    state = None
+    start = 0.0
+    for i in range(steps + 3):
+        if i == 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = clock()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits, state = model(x[:, :-1], state)
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (clock() - start) / steps
+
+
+def apply_plan(config: dict[str, dict[str, Any]], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A config dict ({section: {key: value}}) with the planner's settings put in their sections."""
+    out = {section: dict(values) for section, values in config.items()}
+    for key, value in settings.items():
+        section = next(name for name, values in out.items() if key in values)
+        out[section][key] = value
+    return out
