@@ -175,7 +175,18 @@ def load(path: Path | str) -> Checkpoint:
     except (KeyError, TypeError) as exc:
         raise CharLMError(f"{path}: incomplete charlm checkpoint (missing or malformed {exc})") from None
     ck.file_version = version
+    _check_finite(ck, path)
     return ck
+
+
+def _check_finite(ck: Checkpoint, path: Path) -> None:
+    """Refuse weights that are not finite numbers (a run saved after it diverged): they sample
+    nothing, score NaN and would resume into NaN."""
+    for name, t in [*ck.model.items(), *(ck.live or {}).items()]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CharLMError(f"{path}: its weights are not finite numbers (NaN or infinite, in {name}): "
+                              "it was saved after training diverged and cannot be used; train again "
+                              "with a lower --lr")
 
 
 def _read(path: Path) -> Any:

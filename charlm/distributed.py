@@ -120,6 +120,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before the
+    process group is joined."""
+    return int(os.environ.get("RANK", "0") or 0) if world_size() > 1 else 0
+
+
 def from_env(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the torchrun process group (NCCL for CUDA, gloo on the CPU) when there is one;
     returns it and the device this rank trains on (its own GPU under CUDA)."""

@@ -29,6 +29,7 @@ import numpy as np
 
 from charlm import checkpoint as ckpt_io
 from charlm.corpus import DOC_SEPARATOR, Document, check_encoding, iter_bytes, iter_text, resolve, resolve_all, size_of
+from charlm.diskspace import free_bytes, human
 from charlm.errors import CharLMError, CharLMWarning
 from charlm.vocab import Vocab
 
@@ -203,7 +204,14 @@ def _build(docs: list[Document], encoding: str | None, folder: Path, path: Path,
         ckpt_io.write_atomic(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         return meta
     except OSError as exc:
-        raise CharLMError(f"corpus cache {folder}: cannot write: {exc.strerror}") from None
+        if not meta_path.exists():  # ids without their description are no entry: reclaim the space
+            path.unlink(missing_ok=True)
+        # Ids take 1-4 bytes per character, and a character is at least one byte of text.
+        need = total * writer.dtype.itemsize
+        room = free_bytes(folder)
+        space = f" (the ids need about {human(need)}; {human(room)} free there)" if room is not None else ""
+        raise CharLMError(f"corpus cache {folder}: cannot write: {exc.strerror}{space}; free some space or "
+                          f"set {CACHE_ENV} to a folder with room") from None
     finally:
         writer.fh.close()
         for leftover in (tmp, Path(f"{tmp}.w")):

@@ -29,3 +29,22 @@ class TrainingInterrupted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         self.step = step
+
+
+class WriteFailed(CharLMError):
+    """A file of the run (or the corpus cache) could not be written, a full disk most often;
+    the message says what, how much space it needs and what was kept. Exit code 2."""
+
+    def __init__(self, message: str, path: str, written: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.written = written or []  # files of the same save written before this one failed
+
+
+class Diverged(Exception):
+    """Training diverged (a non-finite or exploding loss; see `charlm.divergence`); the step
+    was not applied and nothing broken was saved. The CLI prints the message and exits 3."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from charlm.checkpoint import write_atomic
+from charlm.diskspace import write_failed
 from charlm.errors import CharLMError
 from charlm.rundir import PLOT, RunDir
 
@@ -35,6 +38,13 @@ def plot_run(run_dir: Path) -> Path:
     ax.set_title(f"{Path(run_dir).resolve().name}: best val {best:.3f} bpc")
     fig.tight_layout()
     out = run / PLOT
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    # Atomic like every file of a run: a reader never sees half a picture, a full disk
+    # leaves the previous plot.
+    try:
+        write_atomic(out, buf.getvalue())
+    except OSError as exc:
+        raise write_failed(out, len(buf.getvalue()), exc) from None
     return out

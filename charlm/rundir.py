@@ -7,18 +7,26 @@ retention of step files, leftover temporaries, and `metrics.jsonl`.
     config.toml          the resolved config
     metrics.jsonl        one JSON object per evaluation
     loss.png             the loss plot (when matplotlib is installed)
+    .lock                held by the one process writing the run (`charlm.runlock`)
+
+A write that fails (a full disk) raises `WriteFailed` naming the file; the file's previous
+version stays intact (every write is atomic, or undone for the metrics' appends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from charlm.checkpoint import TMP_PREFIX, write_atomic
-from charlm.errors import CharLMError
+from charlm.diskspace import write_failed
+from charlm.errors import CharLMError, WriteFailed
+from charlm.runlock import RunLock
 
 LATEST, BEST, CONFIG, METRICS, PLOT = "latest.pt", "best.pt", "config.toml", "metrics.jsonl", "loss.png"
 RUN_FILES = (LATEST, BEST, CONFIG, METRICS)  # any of these means the folder holds a run
@@ -41,6 +49,11 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / METRICS
+
+    def lock(self, label: str | None = None) -> RunLock:
+        """The folder's writer lock (not yet taken): `with run_dir.lock(): ...` around
+        everything that writes, taken before `check_new` so two starts cannot both pass it."""
+        return RunLock(self.path, label=label)
 
     def step_file(self, step: int) -> Path:
         return self.path / f"step-{step:07d}.pt"
@@ -103,8 +116,12 @@ class RunDir:
         """Write one checkpoint to its targets (each atomically); an evaluation's save (`step`
         given) also writes a step file and then prunes them to the newest `keep`."""
         targets = self.save_targets(best, step if keep > 0 else None)
-        for path in targets:
-            write_atomic(path, data)
+        for i, path in enumerate(targets):
+            try:
+                _write(path, data)
+            except WriteFailed as exc:
+                exc.written = [str(p) for p in targets[:i]]
+                raise
         if step is not None:
             # Older step files go only after the new one is safely on disk.
             files = self.step_files()
@@ -113,11 +130,28 @@ class RunDir:
         return targets
 
     def write_config(self, text: str) -> None:
-        write_atomic(self.path / CONFIG, text.encode("utf-8"))
+        _write(self.path / CONFIG, text.encode("utf-8"))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        end: int | None = None
+        try:
+            fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_failed(self.metrics, len(line), exc) from None
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            # Undo a line cut short by a full disk: the next append must start a line.
+            if end is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+            raise write_failed(self.metrics, len(line), exc) from None
+        finally:
+            os.close(fd)
 
     def _metric_lines(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
         for line in self.metrics.read_text(encoding="utf-8").splitlines():
@@ -144,4 +178,12 @@ class RunDir:
         keep = [line for line, row in lines if row is not None and isinstance(row.get("step"), int)
                 and row["step"] <= step]
         if len(keep) != len(lines):
-            write_atomic(self.metrics, "".join(line + "\n" for line in keep).encode("utf-8"))
+            _write(self.metrics, "".join(line + "\n" for line in keep).encode("utf-8"))
+
+
+def _write(path: Path, data: bytes) -> None:
+    """`write_atomic`, with a failure (a full disk) as one line naming the file and its size."""
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise write_failed(path, len(data), exc) from None

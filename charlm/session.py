@@ -16,6 +16,7 @@ and rank 0 alone reports and writes files. Bad input that one rank finds stops e
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,17 +25,19 @@ from typing import Any
 import torch
 
 from charlm import checkpoint as ckpt_io
+from charlm import diskspace, memory
 from charlm.budget import Clock, TimeBudget
 from charlm.config import SESSION_KEYS, RunConfig, parse_duration, sectioned, to_toml
 from charlm.data import split
 from charlm.device import resolve_device, resolve_precision
-from charlm.distributed import Dist, from_env, world_size
+from charlm.distributed import Dist, env_rank, from_env, world_size
 from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
-from charlm.errors import CharLMError
+from charlm.errors import CharLMError, CharLMWarning, WriteFailed
 from charlm.events import Callbacks, StartInfo, TrainResult
 from charlm.options import flag
 from charlm.plan import PROBE_STEPS, Plan, Shape, apply_plan, make_plan, step_seconds
 from charlm.rundir import RunDir
+from charlm.runlock import RunLock
 from charlm.train import PendingSignal, Trainer
 
 
@@ -53,33 +56,74 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
     `cfg` is used as it is."""
     cfg.validate()
     run_dir = RunDir(out_dir)
+    lock = run_dir.lock(label=f"--out {run_dir.path}")
     device = resolve_device(cfg.session.device)
     time_cap = parse_duration(cfg.session.time) if cfg.session.time else None
     d, device = from_env(device)
     try:
         # Rank 0 alone writes into --out, so its check is the one that counts; a refusal stops
-        # every rank (and is printed once). No rank goes on before it is done.
-        d.all_or_none(lambda: run_dir.check_new(force) if d.is_main else None)
+        # every rank (and is printed once). No rank goes on before it is done. The lock comes
+        # first: two starts a moment apart must not both find the folder empty.
+        d.all_or_none(lambda: _lock_new(lock, run_dir, force) if d.is_main else None)
         callbacks = _for_rank(callbacks or Callbacks(), d)
         if corpus is None:
             corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
         callbacks.on_message(corpus_note(corpus))
         plan = None
         if explicit is not None:
-            cfg, plan = plan_run(cfg, explicit, corpus, device, time_cap, d)
+            # Before the planner's probe, which trains the shapes it tries: the settings the
+            # user chose may already be impossible.
+            need = _check_memory(cfg, len(corpus.vocab), device, d, resumed=False)
+            with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
+                cfg, plan = plan_run(cfg, explicit, corpus, device, time_cap, d)
             callbacks.on_message(plan.summary())
             if time_cap is not None:  # the probe was part of the budget
                 time_cap = max(1.0, time_cap - sum(plan.probe_seconds.values()))
-        trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, run_dir, device, d)
-        trainer.planner = plan.record() if plan is not None else None
-        if d.is_main:
-            run_dir.create(force)
-            run_dir.write_config(to_toml(cfg) + (plan.toml_comment() if plan is not None else ""))
-        callbacks.on_start(start_info(trainer, resumed=False))
-        budget = _budget(trainer, time_cap, cfg.session.max_steps or None, clock)
-        return trainer.loop(budget, callbacks, pending_signal)
+        need = _check_memory(cfg, len(corpus.vocab), device, d, resumed=False)
+        with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
+            trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, run_dir, device, d)
+            trainer.planner = plan.record() if plan is not None else None
+            config = to_toml(cfg) + (plan.toml_comment() if plan is not None else "")
+            d.all_or_none(lambda: _prepare_new(run_dir, config, force, trainer) if d.is_main else None)
+            callbacks.on_start(start_info(trainer, resumed=False))
+            budget = _budget(trainer, time_cap, cfg.session.max_steps or None, clock)
+            return trainer.loop(budget, callbacks, pending_signal)
     finally:
+        lock.release()
         d.close()
+
+
+def _lock_new(lock: RunLock, run_dir: RunDir, force: bool) -> None:
+    lock.acquire()
+    run_dir.check_new(force)
+
+
+def _prepare_new(run_dir: RunDir, config: str, force: bool, trainer: Trainer) -> None:
+    """Rank 0: empty the folder of an old run (--force), write the config, check the space."""
+    run_dir.create(force)
+    try:
+        run_dir.write_config(config)
+    except WriteFailed as exc:
+        raise WriteFailed(f"{exc}; nothing of this run was trained or saved", exc.path) from None
+    _warn_disk(trainer, existing=0)
+
+
+def _check_memory(cfg: RunConfig, vocab_size: int, device: torch.device, d: Dist, resumed: bool
+                  ) -> memory.Estimate:
+    """Every rank's estimate, checked on every rank before the model exists (a refusal stops all)."""
+    need = memory.estimate(cfg, vocab_size, resolve_precision(cfg.session.precision, device), d.world_size)
+    d.all_or_none(lambda: memory.check(need, cfg, device, resumed))
+    return need
+
+
+def _warn_disk(trainer: Trainer, existing: int) -> None:
+    """A warning when --out has less room than the run's checkpoints will take."""
+    m, streams = trainer.cfg.model, trainer.cfg.train.batch_size * trainer.dist.world_size
+    hidden = m.num_layers * streams * m.hidden_size * (2 if m.cell == "lstm" else 1)
+    size = diskspace.checkpoint_bytes(trainer.model.num_parameters(), hidden, ema=bool(trainer.cfg.train.ema))
+    note = diskspace.space_warning(trainer.run_dir.path, size, trainer.cfg.session.keep, existing)
+    if note is not None:
+        warnings.warn(note, CharLMWarning, stacklevel=3)
 
 
 def plan_run(cfg: RunConfig, explicit: set[str], corpus: EncodedCorpus, device: torch.device,
@@ -191,40 +235,91 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
     """Continue the run that wrote checkpoint `path`, in the checkpoint's folder (see
     `plan_resume` for what `changes` and `config_file` may hold)."""
     path = Path(path)
-    ck = ckpt_io.load(path)
-    # The rules give the same answer on every rank: a refusal waits until all of them are in
-    # the process group, so that it is printed once.
-    refusal: CharLMError | None = None
+    run_dir = RunDir(path.parent)
+    lock = run_dir.lock()
     try:
-        plan = plan_resume(ck, str(path), changes or {}, config_file, world_size(), _device_available)
-        device = resolve_device(plan.cfg.session.device)
-    except CharLMError as exc:
-        refusal, device = exc, torch.device("cpu")
-    d, device = from_env(device)
-    try:
-        d.all_or_none(lambda: _raise(refusal))
-        callbacks = _for_rank(callbacks or Callbacks(), d)
-        corpus = d.local_first(lambda: reopen_corpus(ck.corpus, path, ck.vocab, progress=callbacks.on_progress))
-        run_dir = RunDir(path.parent)
-        trainer = Trainer(plan.cfg, corpus.vocab, corpus.ids, ck.corpus, run_dir, device, d)
-        trainer.load(ck)
-        budget = _budget(trainer, plan.time_cap, plan.max_steps, clock)
-        if plan.max_steps is not None:
-            budget.fix(plan.max_steps)
-        elif plan.extend_by_time:
-            assert plan.time_cap is not None
-            budget.fix(budget.steps_for(plan.time_cap, ck.progress.step))
-        if d.is_main:
-            run_dir.clean_temporary()
-            run_dir.truncate_metrics(ck.progress.step)
-            run_dir.write_config(to_toml(plan.cfg))
-        d.barrier()  # rank 0 has tidied the folder before any rank trains
-        callbacks.on_start(start_info(trainer, resumed=True))
-        for note in plan.notes:
-            callbacks.on_message(note)
-        return trainer.loop(budget, callbacks, pending_signal)
+        # Rank 0 takes the run's lock before it reads the checkpoint: a writer that finished a
+        # moment ago has saved its last file, and one still running refuses this resume.
+        refusal: CharLMError | None = _try_lock(lock) if env_rank() == 0 else None
+        ck = ckpt_io.load(path)
+        stamp = _stamp(path)
+        # The rules give the same answer on every rank: a refusal waits until all of them are
+        # in the process group, so that it is printed once.
+        try:
+            plan = plan_resume(ck, str(path), changes or {}, config_file, world_size(), _device_available)
+            device = resolve_device(plan.cfg.session.device)
+        except CharLMError as exc:
+            refusal, device = refusal or exc, torch.device("cpu")
+        d, device = from_env(device)
+        try:
+            d.all_or_none(lambda: _raise(refusal))
+            _same_checkpoint(d, stamp, path)
+            callbacks = _for_rank(callbacks or Callbacks(), d)
+            corpus = d.local_first(lambda: reopen_corpus(ck.corpus, path, ck.vocab, progress=callbacks.on_progress))
+            need = _check_memory(plan.cfg, len(corpus.vocab), device, d, resumed=True)
+            with memory.out_of_memory_as_error(need, plan.cfg, device, resumed=True):
+                trainer = Trainer(plan.cfg, corpus.vocab, corpus.ids, ck.corpus, run_dir, device, d)
+                trainer.load(ck, path)
+                budget = _budget(trainer, plan.time_cap, plan.max_steps, clock)
+                if plan.max_steps is not None:
+                    budget.fix(plan.max_steps)
+                elif plan.extend_by_time:
+                    assert plan.time_cap is not None
+                    budget.fix(budget.steps_for(plan.time_cap, ck.progress.step))
+                d.all_or_none(lambda: _prepare_resume(run_dir, plan.cfg, ck.progress.step, trainer)
+                              if d.is_main else None)
+                callbacks.on_start(start_info(trainer, resumed=True))
+                for note in plan.notes:
+                    callbacks.on_message(note)
+                return trainer.loop(budget, callbacks, pending_signal)
+        finally:
+            d.close()
     finally:
-        d.close()
+        lock.release()
+
+
+def _try_lock(lock: RunLock) -> CharLMError | None:
+    """Take `lock`; a refusal is returned to be raised once every rank can hear of it (at once
+    in a single process)."""
+    try:
+        lock.acquire()
+    except CharLMError as exc:
+        if world_size() == 1:
+            raise
+        return exc
+    return None
+
+
+def _stamp(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _same_checkpoint(d: Dist, stamp: int, path: Path) -> None:
+    """Under torchrun, every rank must have read the same version of the checkpoint (another
+    writer may have replaced it before rank 0 took the lock)."""
+    if not d.enabled:
+        return
+    newest, oldest = d.all_max([stamp, -stamp])
+    changed = newest != -oldest
+    d.all_or_none(lambda: _raise(CharLMError(f"{path}: was replaced while the processes read it; start "
+                                             "the resume again") if changed and d.is_main else None))
+
+
+def _prepare_resume(run_dir: RunDir, cfg: RunConfig, step: int, trainer: Trainer) -> None:
+    """Rank 0: tidy the folder before any rank trains, and check the space."""
+    run_dir.clean_temporary()
+    try:
+        run_dir.truncate_metrics(step)
+        run_dir.write_config(to_toml(cfg))
+    except WriteFailed as exc:
+        raise WriteFailed(f"{exc}; the run's checkpoints are unchanged: free some space, then resume again",
+                          exc.path) from None
+    existing = sum(p.stat().st_size for p in (run_dir.latest, run_dir / "best.pt", *run_dir.step_files())
+                   if p.exists())
+    _warn_disk(trainer, existing)
 
 
 def _raise(error: CharLMError | None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from charlm import divergence
 from charlm.budget import BudgetState, Tick, TimeBudget
 from charlm.checkpoint import (
     Checkpoint,
@@ -40,7 +42,7 @@ from charlm.config import RunConfig
 from charlm.data import Ids, StreamBatcher, split
 from charlm.device import autocast_dtype, resolve_precision
 from charlm.distributed import Dist
-from charlm.errors import TrainingInterrupted
+from charlm.errors import Diverged, TrainingInterrupted, WriteFailed
 from charlm.evaluate import LN2, evaluate
 from charlm.events import Callbacks, EvalRecord, StepStats, TrainResult
 from charlm.model import CharRNN, State, detach_state, state_from_list, state_to_list
@@ -103,6 +105,8 @@ class Trainer:
         self.hidden: State | None = None  # carried from batch to batch
         self.last_eval_step = -1
         self.planner: dict[str, Any] | None = None  # what the planner chose, kept in checkpoints
+        # The checkpoint to continue from should this session fail (None: nothing saved yet).
+        self.last_saved: tuple[Path, int] | None = None
 
     # --- checkpoint state -------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint | None:
@@ -126,8 +130,10 @@ class Trainer:
             progress=progress, plan=self.plan, hidden=all_hidden, ranks=ranks,
             trained_on=TrainedOn(self.device.type, self.precision, len(ranks)), planner=self.planner)
 
-    def load(self, ck: Checkpoint) -> None:
-        """Continue from `ck` (this rank's share of it)."""
+    def load(self, ck: Checkpoint, path: Path | None = None) -> None:
+        """Continue from `ck` (this rank's share of it), read from `path`."""
+        if path is not None:
+            self.last_saved = (path, ck.progress.step)
         self.model.load_state_dict(ck.live if ck.live is not None else ck.model)
         if self.average is not None:
             self.average.load_state_dict(ck.model)
@@ -168,12 +174,44 @@ class Trainer:
 
     def save(self, best: bool, step_file: bool) -> list[Path]:
         """Write latest.pt (and best.pt / a step file), each atomically. Every rank calls this
-        (it gathers their states); rank 0 alone writes."""
+        (it gathers their states); rank 0 alone writes, and a failed write stops every rank."""
+        self._check_weights()
         ck = self.checkpoint()
         step = self.progress.step if step_file else None
-        if ck is None:
+        targets = self.dist.all_or_none(lambda: self._write(ck, best, step))
+        self.last_saved = (targets[-1], self.progress.step)
+        return targets
+
+    def _write(self, ck: Checkpoint | None, best: bool, step: int | None) -> list[Path]:
+        if ck is None:  # not rank 0
             return self.run_dir.save_targets(best, step)
-        return self.run_dir.save(serialize(ck), best, step, self.cfg.session.keep)
+        try:
+            return self.run_dir.save(serialize(ck), best, step, self.cfg.session.keep)
+        except WriteFailed as exc:
+            raise WriteFailed(f"{exc}; training stopped at step {self.progress.step}; {self.kept(exc.written)}",
+                              exc.path) from None
+
+    def kept(self, written: list[str]) -> str:
+        """What a session whose save failed leaves to continue from (`written`: the files of
+        that save written before the failure), for its message."""
+        if self.last_saved is not None:
+            path, step = self.last_saved
+            return f"{path} (step {step}) is intact: free some space, then `charlm resume {path}`"
+        if written:  # the first save of the run got as far as best.pt
+            return (f"only {written[0]} (step {self.progress.step}) was saved: free some space, then "
+                    f"`charlm resume {written[0]}`")
+        return "no checkpoint of this run was saved"
+
+    def last_good(self) -> str | None:
+        return None if self.last_saved is None else f"{self.last_saved[0]} (step {self.last_saved[1]})"
+
+    def _check_weights(self) -> None:
+        """Refuse to save weights that are not finite (the step check should have caught it)."""
+        models = [self.model] if self.average is None else [self.model, self.average]
+        if all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
+            return
+        raise Diverged(divergence.message(self.progress.step, "the weights are not finite",
+                                          self.cfg.train.lr, self.last_good()), self.progress.step)
 
     # --- training ---------------------------------------------------------------------------
     def loop(self, budget: TimeBudget, callbacks: Callbacks, pending_signal: PendingSignal) -> TrainResult:
@@ -244,13 +282,15 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         # Clip the global gradient norm: one long sequence can otherwise blow up an RNN.
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        bpc = loss.item() / LN2
+        # Before the optimizer step: a diverged step must never reach the weights.
+        self._check_step(bpc, None if self.scaler.is_enabled() else float(norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._update_average(p.step)
         # Keep the values (context) but cut the graph: truncated BPTT over seq_len steps.
         self.hidden = detach_state(hidden)
-        bpc = loss.item() / LN2
         dt = clock() - t0
         chars = x.numel() * self.dist.world_size
         p.step += 1
@@ -262,6 +302,18 @@ class Trainer:
         p.elapsed += clock() - started
         return stats
 
+    def _check_step(self, bpc: float, grad_norm: float | None) -> None:
+        """Raise `Diverged` when this step diverged on any rank (`charlm.divergence`)."""
+        limit = divergence.loss_limit(len(self.vocab), self.progress.last_val_bpc)
+        code = divergence.verdict(bpc, grad_norm, limit)
+        if self.dist.enabled:  # each rank's loss differs: they agree on the worst verdict
+            code, milli = self.dist.all_max([code, int(min(bpc, 1e12) * 1000) if math.isfinite(bpc) else 0])
+            bpc = bpc if math.isfinite(bpc) else milli / 1000
+        if code != divergence.FINE:
+            step = self.progress.step + 1
+            what = divergence.describe(code, bpc, limit)
+            raise Diverged(divergence.message(step, what, self.cfg.train.lr, self.last_good()), step)
+
     def _evaluate_and_save(self, budget: TimeBudget, callbacks: Callbacks) -> list[Path]:
         """Score the held-out text, save the checkpoints, log a metrics line, show previews."""
         p, d = self.progress, self.dist
@@ -271,6 +323,9 @@ class Trainer:
         if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
             val_bpc, _ = evaluate(self.best_model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
         val_bpc = d.broadcast(val_bpc)
+        if not math.isfinite(val_bpc):
+            raise Diverged(divergence.message(p.step, "the validation loss is not a number", self.cfg.train.lr,
+                                              self.last_good()), p.step)
         self.last_eval_step = p.step
         improved = p.best_val_bpc is None or val_bpc < p.best_val_bpc
         p.since_best = 0 if improved else p.since_best + 1
@@ -285,14 +340,21 @@ class Trainer:
             elapsed=round(p.elapsed, 3))
         p.loss_window = [0.0, 0]
         saved = self.save(best=improved, step_file=True)
+        # Metrics after the checkpoint: a crash in between loses a line, never invents one.
+        d.all_or_none(lambda: self._append_metrics(record) if d.is_main else None)
         if not d.is_main:
             return saved
-        # Metrics after the checkpoint: a crash in between loses a line, never invents one.
-        self.run_dir.append_metrics(record.__dict__)
         callbacks.on_eval(record, self.previews())
         # What an evaluation costs the time budget: scoring, saving (fsync) and previews.
         budget.evaluated(budget.clock() - t0)
         return saved
+
+    def _append_metrics(self, record: EvalRecord) -> None:
+        try:
+            self.run_dir.append_metrics(record.__dict__)
+        except WriteFailed as exc:
+            raise WriteFailed(f"{exc}; training stopped at step {self.progress.step}, whose checkpoint was "
+                              f"saved: free some space, then `charlm resume {self.run_dir.latest}`", exc.path) from None
 
     def previews(self) -> list[tuple[float, str]]:
         """Short samples at a few temperatures; their own RNG leaves training untouched."""

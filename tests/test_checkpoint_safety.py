@@ -1,7 +1,8 @@
-"""Safe checkpoints: atomic writes survive SIGKILL, unsafe / broken / foreign / newer files are
-refused by every command with one line (and never modified), retention keeps latest, best and
-the last K step files, an existing run is never overwritten without --force, and a checkpoint
-written on CUDA loads, resumes and samples on the CPU.
+"""Safe checkpoints: atomic writes survive SIGKILL, unsafe / broken / foreign / newer files and
+files whose weights are NaN or infinite are refused by every command with one line (and never
+modified), retention keeps latest, best and the last K step files, an existing run is never
+overwritten without --force, and a checkpoint written on CUDA loads, resumes and samples on
+the CPU.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def make_bad(kind: str, folder: Path, good: Path, marker: Path) -> Path:
         path.write_bytes(b"")
     elif kind == "foreign":  # somebody else's PyTorch file
         torch.save(torch.nn.Linear(4, 3).state_dict(), path)
+    elif kind in ("nan-weights", "inf-weights"):  # saved by a run that diverged (before charlm refused to)
+        ck = raw(good)
+        ck["model"]["head.weight"][0, 0] = float("nan") if kind == "nan-weights" else float("inf")
+        torch.save(ck, path)
     elif kind in ("newer", "version0"):
         ck = raw(good)
         ck["version"] = checkpoint.VERSION + 1 if kind == "newer" else 0
@@ -102,7 +107,8 @@ EXPECTED = {
     "pickle-open": "pickled Python objects", "pickle-touch": "pickled Python objects",
     "pickle-system": "pickled Python objects", "truncated": "truncated", "random": "not a checkpoint",
     "empty": "corrupt or truncated", "foreign": "not a charlm checkpoint", "newer": "newer charlm",
-    "version0": "invalid format version",
+    "version0": "invalid format version", "nan-weights": "weights are not finite numbers (NaN or infinite, in "
+    "head.weight)", "inf-weights": "saved after training diverged",
 }
 COMMANDS = {
     "info": lambda p: ["info", str(p)],

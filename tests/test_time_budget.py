@@ -99,13 +99,14 @@ def test_budget_without_a_clock_takes_max_steps_or_the_default():
 
 
 def test_patience_stops_a_run_whose_held_out_bpc_stopped_improving(corpus_file, tmp_path):
-    # A learning rate this high makes held-out bpc worse from one evaluation to the next.
-    cfg = tiny_config(max_steps=400, eval_interval=5, lr=3.0, warmup_steps=0, patience=3)
+    # A learning rate this high makes held-out bpc worse from one evaluation to the next (not
+    # so high that the run diverges: lr 3 would be stopped at step 2, see charlm.divergence).
+    cfg = tiny_config(max_steps=400, eval_interval=5, lr=0.3, warmup_steps=0, patience=3)
     result = fit(cfg, [str(corpus_file)], tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     best = min(range(len(rows)), key=lambda i: rows[i]["val_bpc"])
     assert result.stopped_early and result.step < 400
     assert len(rows) - 1 - best == 3  # stopped at the third evaluation without a new best
-    control = fit(tiny_config(max_steps=60, eval_interval=5, lr=3.0, warmup_steps=0), [str(corpus_file)],
+    control = fit(tiny_config(max_steps=60, eval_interval=5, lr=0.3, warmup_steps=0), [str(corpus_file)],
                   tmp_path / "control")
     assert not control.stopped_early and control.step == 60

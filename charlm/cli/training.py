@@ -119,7 +119,10 @@ def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult
     if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
         from charlm.plot import plot_run
 
-        result.plot = plot_run(result.out_dir)
+        try:
+            result.plot = plot_run(result.out_dir)
+        except Exception as exc:  # the plot is a convenience: the run is saved, so it only warns
+            err(f"charlm: warning: could not draw the loss plot: {exc}")
     reporter.summary(result)
 
 
