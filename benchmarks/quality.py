@@ -259,24 +259,25 @@ def cells(spec: str) -> list[str]:
 
 
 def planner_job(work: Path, cell: str) -> dict[str, Any]:
-    """What charlm's planner picks for a cell, given the same single-core speeds."""
+    """What charlm's planner picks for a cell, given the same single-core speeds, charged the
+    time its probe would take (PROBE_STEPS timed steps and three warm-up steps per shape)."""
     from charlm.config import RunConfig
-    from charlm.plan import make_plan
+    from charlm.plan import PROBE_STEPS, make_plan
 
     corpus, budget = cell.split("@")
     chars = len(corpus_path(work, corpus).read_text(encoding="utf-8"))
     train_chars = chars - int(chars * 0.05)
-    probes: list[float] = []
+    probe_s = 0.0
 
     def speed(shape: Any) -> float:
-        probes.append(1.0)
-        return speed_of(work, shape.settings())
+        nonlocal probe_s
+        cps = speed_of(work, shape.settings())
+        probe_s += (PROBE_STEPS + 3) * shape.batch_size * shape.seq_len / cps
+        return cps
 
     plan = make_plan(RunConfig(), set(), train_chars, 96, BUDGETS[budget], None, speed, "cpu")
-    # The real probe times a few steps of each shape it measures: charge what that costs.
-    probe_s = sum(plan.probe_seconds.values())
     return schedule(work, cell, "planner", plan.settings, probe_s,
-                    plan={"why": plan.why, "passes": round(plan.passes, 2)})
+                    plan={"why": plan.why, "passes": round(plan.passes, 2), "probe_s": round(probe_s, 2)})
 
 
 def table(work: Path) -> None:

@@ -2,22 +2,28 @@
 
 Before a run, charlm knows how much text it has and how long it may train. A short probe on
 this machine and device tells how many characters per second each candidate shape trains;
-from these the planner predicts how many characters the budget buys (C), how many passes
-over the text that is (E = C / training characters) and how many characters each weight
-sees (C / parameters), and chooses by a rule fitted to the quality panel
-(benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
+from these the planner predicts how many characters the budget buys and how many passes over
+the text that is (E = characters / training characters), and chooses by a rule fitted to
+the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
 
-- width: the widest LSTM (2 layers) whose budget still gives each parameter at least
-  `CHARS_PER_PARAM` characters: a wider network learns more per character but sees fewer
-  of them, and below that ratio it has not seen enough text to be worth its size;
-- dropout: none while the run sees the text about once; as passes grow it overfits, so
-  dropout grows with the logarithm of the passes (`dropout_for`);
+- width (a 2-layer LSTM): the one whose run sees its text closest to `PASSES_TARGET` times.
+  Where the text is short for the budget (a small corpus, a fast machine, a long budget) a
+  wider network, which learns more from each character, does better than a narrow one that
+  reads the text over and over; where the text is long for the budget (a big corpus, a slow
+  machine), a narrow network, which takes more and cheaper steps, does better than a wide
+  one that reads a fraction of it;
+- dropout: none up to the target; beyond it (the widest network still sees the text many
+  more times) it grows with the logarithm of the excess (`dropout_for`);
+- an average of the weights (`--ema`) over a share of the run that grows with the passes
+  (`ema_for`): it scores better than the live weights in every panel cell;
 - learning rate: the defaults' rate at width 256, scaled by (256 / width) ** 0.5;
 - the batch layout: 32 streams x 32 characters on a CPU, where small batches train as fast
   per character as big ones and give more updates; on a GPU, which needs big batches to be
   fast, 128 x 128.
 
-Whatever the user set (a flag or --config) is kept; the planner fills in the rest.
+A step budget (`--max-steps`, or none: the default step count) fixes the characters but not
+the time, so it keeps the configured width and plans the rest. Whatever the user set (a flag
+or --config) is kept; the planner fills in the rest.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from typing import Any
 from charlm.config import DEFAULT_MAX_STEPS, RunConfig
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
-CHARS_PER_PARAM = 10.0  # the least characters per parameter a wider model must get
-DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes), from 1 pass on ...
+PASSES_TARGET = 5.0  # the passes over its text a run's width is chosen for
+DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / PASSES_TARGET) beyond the target ...
 MAX_DROPOUT = 0.4  # ... up to this
 BASE_LR, BASE_WIDTH = 1e-2, 256
 EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
@@ -103,9 +109,9 @@ class Plan:
 
 def dropout_for(passes: float) -> float:
     """Dropout for a run that sees its text `passes` times."""
-    if passes <= 1.0:
+    if passes <= PASSES_TARGET:
         return 0.0
-    return round(min(MAX_DROPOUT, DROPOUT_PER_LOG_PASS * math.log(passes)), 2)
+    return round(min(MAX_DROPOUT, DROPOUT_PER_LOG_PASS * math.log(passes / PASSES_TARGET)), 2)
 
 
 def ema_for(steps: float, passes: float) -> float:
@@ -132,7 +138,6 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
     base = Shape.of(cfg)
     if "batch_size" not in explicit and "seq_len" not in explicit and device_type == "cuda":
         base = replace(base, batch_size=128, seq_len=128)
-    widths = [base.hidden_size] if "hidden_size" in explicit else list(WIDTHS)
     timed: dict[str, float] = {}
 
     def chars_of(shape: Shape) -> tuple[float, float]:
@@ -144,19 +149,12 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
         timed.setdefault(_name(shape), time.perf_counter() - t0)
         return cps, cps * time_cap * (1 - EVAL_SHARE)
 
-    why = []
-    chosen = replace(base, hidden_size=widths[0])
-    for width in widths:  # narrow to wide: keep the widest that still gets enough text
-        shape = replace(base, hidden_size=width)
-        _, chars = chars_of(shape)
-        ratio = chars / shape.params(vocab_size)
-        if width == widths[0] or ratio >= CHARS_PER_PARAM:
-            chosen = shape
-        if ratio < CHARS_PER_PARAM:
-            why.append(f"{width} units would see {ratio:.1f} chars per parameter (< {CHARS_PER_PARAM:g})")
-            break
+    why: list[str] = []
+    chosen = base
+    if time_cap is not None and "hidden_size" not in explicit:
+        chosen = _closest_to_target(base, train_chars, chars_of, why)
     settings: dict[str, Any] = {}
-    if "hidden_size" not in explicit:
+    if chosen.hidden_size != cfg.model.hidden_size:
         settings["hidden_size"] = chosen.hidden_size
     if "batch_size" not in explicit and base.batch_size != cfg.train.batch_size:
         settings["batch_size"], settings["seq_len"] = base.batch_size, base.seq_len
@@ -171,8 +169,28 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
             passes = chars / max(1, train_chars)
     if "lr" not in explicit:
         settings["lr"] = lr_for(chosen.hidden_size)
+    if "ema" not in explicit:
+        settings["ema"] = ema_for(chars / (chosen.batch_size * chosen.seq_len), passes)
     why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
     return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
+
+
+def _closest_to_target(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
+                       why: list[str]) -> Shape:
+    """The width whose run sees its text closest to PASSES_TARGET times (on a log scale);
+    narrow to wide, stopping once a width falls short of the target (wider ones only fall
+    further)."""
+    best, best_gap = base, math.inf
+    for width in WIDTHS:
+        shape = replace(base, hidden_size=width, dropout=0.0)
+        passes = chars_of(shape)[1] / max(1, train_chars)
+        gap = abs(math.log(max(passes, 1e-9) / PASSES_TARGET))
+        if gap < best_gap:
+            best, best_gap = shape, gap
+        if passes < PASSES_TARGET:
+            why.append(f"{width} units: {passes:.1f} passes (target {PASSES_TARGET:g})")
+            break
+    return replace(best, dropout=base.dropout)
 
 
 def _name(shape: Shape) -> str:

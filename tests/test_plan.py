@@ -8,6 +8,7 @@ function, so these tests hold whatever constants the quality panel fits.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 
 import pytest
@@ -36,11 +37,28 @@ def plan(train_chars: int, seconds: float | None = None, steps: int | None = Non
 
 
 def test_more_compute_buys_a_wider_model():
-    widths = [plan(10**9, seconds).shape.hidden_size for seconds in (15, 60, 240, 1800, 14400)]
+    widths = [plan(10_000_000, seconds).shape.hidden_size for seconds in (15, 60, 240, 1800, 14400)]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     assert set(widths) <= set(WIDTHS)
     # The same budget on a machine 10x as fast plans at least as wide a model.
-    assert plan(10**9, 240, scale=10).shape.hidden_size >= plan(10**9, 240).shape.hidden_size
+    assert plan(10_000_000, 240, scale=10).shape.hidden_size >= plan(10_000_000, 240).shape.hidden_size
+
+
+def test_more_text_for_the_same_budget_buys_a_narrower_model():
+    widths = [plan(chars, 1800).shape.hidden_size for chars in (10**5, 10**6, 10**7, 10**8, 10**9)]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] == min(WIDTHS)
+
+
+def test_the_width_is_the_one_closest_to_the_target_passes():
+    p = plan(3_000_000, 1800)
+    from charlm.plan import PASSES_TARGET
+
+    def passes(width: int) -> float:
+        shape = Shape(hidden_size=width)
+        return flops_speed()(shape) * 1800 * 0.97 / 3_000_000
+
+    gaps = {w: abs(math.log(passes(w) / PASSES_TARGET)) for w in WIDTHS}
+    assert p.shape.hidden_size == min(gaps, key=gaps.get)
 
 
 def test_more_passes_buy_more_dropout():
@@ -56,6 +74,7 @@ def test_a_step_budget_needs_no_speed():
 
     p = make_plan(RunConfig(), set(), 2_000_000, VOCAB, None, 5000, no_speed, "cpu")
     assert p.chars == 5000 * p.shape.batch_size * p.shape.seq_len and p.probe_seconds == {}
+    assert p.shape.hidden_size == RunConfig().model.hidden_size  # steps fix the chars, not the time
 
 
 def test_what_the_user_chose_is_kept():
