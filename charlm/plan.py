@@ -6,7 +6,8 @@ from these the planner predicts how many characters the budget buys and how many
 the text that is (E = characters / training characters), and chooses by a rule fitted to
 the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
 
-- width (a 2-layer LSTM): the one whose run sees its text closest to `PASSES_TARGET` times.
+- width (a 2-layer LSTM): the one whose run sees its text closest to `PASSES_TARGET` times,
+  of those that still take `MIN_STEPS` optimizer steps (fewer leave a wide network untrained).
   Where the text is short for the budget (a small corpus, a fast machine, a long budget) a
   wider network, which learns more from each character, does better than a narrow one that
   reads the text over and over; where the text is long for the budget (a big corpus, a slow
@@ -38,8 +39,9 @@ from charlm.config import DEFAULT_MAX_STEPS, RunConfig
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 PASSES_TARGET = 5.0  # the passes over its text a run's width is chosen for
+MIN_STEPS = 1000  # ... among the widths whose run still takes this many optimizer steps
 DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / PASSES_TARGET) beyond the target ...
-MAX_DROPOUT = 0.4  # ... up to this
+MIN_DROPOUT, MAX_DROPOUT = 0.05, 0.4  # ... from this (less is not worth what it costs) up to this
 BASE_LR, BASE_WIDTH = 1e-2, 256
 EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
 EVAL_SHARE = 0.03  # of a --time budget that evaluations and saving take
@@ -109,9 +111,8 @@ class Plan:
 
 def dropout_for(passes: float) -> float:
     """Dropout for a run that sees its text `passes` times."""
-    if passes <= PASSES_TARGET:
-        return 0.0
-    return round(min(MAX_DROPOUT, DROPOUT_PER_LOG_PASS * math.log(passes / PASSES_TARGET)), 2)
+    dropout = DROPOUT_PER_LOG_PASS * math.log(max(passes, 1e-9) / PASSES_TARGET)
+    return 0.0 if dropout < MIN_DROPOUT else round(min(MAX_DROPOUT, dropout), 2)
 
 
 def ema_for(steps: float, passes: float) -> float:
@@ -177,13 +178,17 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
 
 def _closest_to_target(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
                        why: list[str]) -> Shape:
-    """The width whose run sees its text closest to PASSES_TARGET times (on a log scale);
-    narrow to wide, stopping once a width falls short of the target (wider ones only fall
-    further)."""
+    """The width whose run sees its text closest to PASSES_TARGET times (on a log scale), of
+    those that still take MIN_STEPS steps (fewer leave a wide network untrained); narrow to
+    wide, stopping once a width falls short of either (wider ones only fall further)."""
     best, best_gap = base, math.inf
     for width in WIDTHS:
         shape = replace(base, hidden_size=width, dropout=0.0)
-        passes = chars_of(shape)[1] / max(1, train_chars)
+        chars = chars_of(shape)[1]
+        passes, steps = chars / max(1, train_chars), chars / (shape.batch_size * shape.seq_len)
+        if steps < MIN_STEPS and best_gap < math.inf:
+            why.append(f"{width} units: {steps:,.0f} steps (fewer than {MIN_STEPS:,})")
+            break
         gap = abs(math.log(max(passes, 1e-9) / PASSES_TARGET))
         if gap < best_gap:
             best, best_gap = shape, gap
