@@ -190,7 +190,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     best = min(rows, key=lambda r: r["val_bpc"])
     return {"best_val_bpc": round(best["val_bpc"], 4), "final_val_bpc": round(rows[-1]["val_bpc"], 4),
             "final_train_bpc": round(rows[-1]["train_bpc"], 4), "best_at": round(best["step"] / result.step, 3),
-            "steps": result.step, "chars": result.chars_seen, "wall_s": round(time.perf_counter() - t0, 1)}
+            "steps": result.step, "chars": result.chars_seen, "wall_s": round(time.perf_counter() - t0, 1),
+            "curve": [[r["step"], round(r["val_bpc"], 4)] for r in rows]}
 
 
 def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s: float = 0.0,
