@@ -282,17 +282,36 @@ def planner_job(work: Path, cell: str) -> dict[str, Any]:
 
 
 def table(work: Path) -> None:
+    """Per cell: today's fixed default, the best hand configuration, the planner; then every run."""
     rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines() if line.strip()]
     by_cell: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_cell.setdefault(r["cell"], []).append(r)
+    order = sorted(by_cell, key=lambda c: (BUDGETS[c.split("@")[1]], CORPORA.index(c.split("@")[0])))
+    print("| cell | fixed default | best by hand (of N) | planner | planner - best | planner - default |")
+    print("|---|---|---|---|---|---|")
+    for cell in order:
+        runs = by_cell[cell]
+        hand = [r for r in runs if r["config"] != "planner"]
+        best = min(hand, key=lambda r: r["best_val_bpc"])
+        default = next((r for r in runs if r["config"] == "default"), None)
+        plan = next((r for r in runs if r["config"] == "planner"), None)
+        d = f"{default['best_val_bpc']:.4f}" if default else "-"
+        p = f"{plan['best_val_bpc']:.4f} ({_describe(plan['settings'])})" if plan else "-"
+        gap = f"{plan['best_val_bpc'] - best['best_val_bpc']:+.4f}" if plan else "-"
+        vs = f"{plan['best_val_bpc'] - default['best_val_bpc']:+.4f}" if plan and default else "-"
+        print(f"| {cell} | {d} | {best['best_val_bpc']:.4f} ({best['config']}, of {len(hand)}) | {p} | {gap} | {vs} |")
+    print()
     print("| cell | config | settings | passes | steps | best val bpc | final val bpc |")
     print("|---|---|---|---|---|---|---|")
-    for cell in sorted(by_cell, key=lambda c: (BUDGETS[c.split("@")[1]], CORPORA.index(c.split("@")[0]))):
+    for cell in order:
         for r in sorted(by_cell[cell], key=lambda r: r["best_val_bpc"]):
-            s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
-            print(f"| {cell} | {r['config']} | {s} | {r['passes']} | {r['steps']:,} | "
+            print(f"| {cell} | {r['config']} | {_describe(r['settings'])} | {r['passes']} | {r['steps']:,} | "
                   f"{r['best_val_bpc']:.4f} | {r['final_val_bpc']:.4f} |")
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
 
 
 def main() -> None:
