@@ -159,17 +159,14 @@ def _one_thread_env() -> dict[str, str]:
 
 def planned_steps(settings: dict[str, Any], budget_s: float, speed: float, corpus_chars: int) -> int:
     """Steps a `--time` run of `budget_s` plans at `speed` (the TimeBudget's own arithmetic)."""
-    from charlm.budget import BudgetState, TimeBudget
+    from charlm.budget import steps_in
     from charlm.config import build_config
 
     cfg = build_config(None, settings)
     per_batch = cfg.train.batch_size * cfg.train.seq_len
     val = max(2, int(corpus_chars * cfg.train.val_fraction))
-    scored = min(val, cfg.train.eval_chars or val)
-    state = BudgetState(sec_per_step=per_batch / speed)
-    budget = TimeBudget(state, budget_s, None, cfg.session.eval_interval,
-                        lambda sps: scored * sps / per_batch / 3)
-    return budget.steps_for(budget_s, 0)
+    return steps_in(budget_s, per_batch / speed, per_batch, min(val, cfg.train.eval_chars or val),
+                    cfg.session.eval_interval)
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:

@@ -132,3 +132,17 @@ class TimeBudget:
         if used >= self.time_cap * FIX_FRACTION:
             self.state.steps_fixed = True
         return changed
+
+
+def guess_eval_seconds(scored_chars: int, chars_per_batch: int) -> Callable[[float], float]:
+    """An evaluation's seconds before one is measured, from the seconds per step: scoring a
+    character (a forward pass) costs about a third of training on it (forward and backward)."""
+    return lambda sec_per_step: scored_chars * sec_per_step / chars_per_batch / 3
+
+
+def steps_in(seconds: float, sec_per_step: float, chars_per_batch: int, scored_chars: int,
+             eval_interval: int) -> int:
+    """The steps a budget of `seconds` plans at `sec_per_step`, evaluations included."""
+    budget = TimeBudget(BudgetState(sec_per_step=sec_per_step), seconds, None, eval_interval,
+                        guess_eval_seconds(scored_chars, chars_per_batch))
+    return budget.steps_for(seconds, 0)

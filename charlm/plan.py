@@ -6,14 +6,14 @@ from these the planner predicts how many characters the budget buys and how many
 the text that is (E = characters / training characters), and chooses by a rule fitted to
 the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
 
-- width (a 2-layer LSTM): the one whose run sees its text closest to `PASSES_TARGET` times,
-  of those that still take `MIN_STEPS` optimizer steps (fewer leave a wide network untrained).
-  Where the text is short for the budget (a small corpus, a fast machine, a long budget) a
-  wider network, which learns more from each character, does better than a narrow one that
-  reads the text over and over; where the text is long for the budget (a big corpus, a slow
-  machine), a narrow network, which takes more and cheaper steps, does better than a wide
-  one that reads a fraction of it;
-- dropout: none up to the target; beyond it (the widest network still sees the text many
+- width (a 2-layer LSTM), the wider of two: the widest whose run still takes `MIN_STEPS`
+  optimizer steps (a wider one learns more per step but takes fewer of them, and below that
+  many it is not trained enough to be worth its size), and the narrowest whose run sees its
+  text at most `MAX_PASSES` times (a narrow network that reads a short text over and over
+  learns less from it than a wider one that reads it fewer times), as long as that one still
+  takes `FEWEST_STEPS`. On a big corpus the first decides (the budget is the limit), on a
+  small one the second (the text is);
+- dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
   more times) it grows with the logarithm of the excess (`dropout_for`);
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
   (`ema_for`): it scores better than the live weights in every panel cell;
@@ -35,16 +35,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from charlm.budget import steps_in
 from charlm.config import DEFAULT_MAX_STEPS, RunConfig
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
-PASSES_TARGET = 5.0  # the passes over its text a run's width is chosen for
-MIN_STEPS = 1000  # ... among the widths whose run still takes this many optimizer steps
-DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / PASSES_TARGET) beyond the target ...
+MIN_STEPS = 4000  # a width is worth its size when its run takes at least this many steps ...
+MAX_PASSES = 5.0  # ... or when a narrower one would read the text more than this many times,
+FEWEST_STEPS = 1000  # ... as long as it still takes this many
+DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / MAX_PASSES) beyond it ...
 MIN_DROPOUT, MAX_DROPOUT = 0.05, 0.4  # ... from this (less is not worth what it costs) up to this
 BASE_LR, BASE_WIDTH = 1e-2, 256
 EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
-EVAL_SHARE = 0.03  # of a --time budget that evaluations and saving take
 PROBE_STEPS = 5  # timed steps per shape the probe measures (after three warm-up steps)
 FIELDS = ("hidden_size", "num_layers", "embedding_size", "dropout", "batch_size", "seq_len", "lr")
 
@@ -111,7 +112,7 @@ class Plan:
 
 def dropout_for(passes: float) -> float:
     """Dropout for a run that sees its text `passes` times."""
-    dropout = DROPOUT_PER_LOG_PASS * math.log(max(passes, 1e-9) / PASSES_TARGET)
+    dropout = DROPOUT_PER_LOG_PASS * math.log(max(passes, 1e-9) / MAX_PASSES)
     return 0.0 if dropout < MIN_DROPOUT else round(min(MAX_DROPOUT, dropout), 2)
 
 
@@ -141,19 +142,25 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
         base = replace(base, batch_size=128, seq_len=128)
     timed: dict[str, float] = {}
 
+    vf = cfg.train.val_fraction
+    val_chars = int(train_chars * vf / (1 - vf))
+    scored = min(val_chars, cfg.train.eval_chars or val_chars)
+
     def chars_of(shape: Shape) -> tuple[float, float]:
-        """(chars/s or 0, chars the budget buys) for a shape."""
+        """(chars/s or 0, chars the budget buys) for a shape: `--time` plans its steps with the
+        speed the probe measures, evaluations included, as training itself does."""
+        per_batch = shape.batch_size * shape.seq_len
         if time_cap is None:
-            return 0.0, float((max_steps or DEFAULT_MAX_STEPS) * shape.batch_size * shape.seq_len)
+            return 0.0, float((max_steps or DEFAULT_MAX_STEPS) * per_batch)
         t0 = time.perf_counter()
         cps = speed(shape)
         timed.setdefault(_name(shape), time.perf_counter() - t0)
-        return cps, cps * time_cap * (1 - EVAL_SHARE)
+        return cps, float(steps_in(time_cap, per_batch / cps, per_batch, scored, cfg.session.eval_interval) * per_batch)
 
     why: list[str] = []
     chosen = base
     if time_cap is not None and "hidden_size" not in explicit:
-        chosen = _closest_to_target(base, train_chars, chars_of, why)
+        chosen = _choose_width(base, train_chars, chars_of, why)
     settings: dict[str, Any] = {}
     if chosen.hidden_size != cfg.model.hidden_size:
         settings["hidden_size"] = chosen.hidden_size
@@ -176,26 +183,29 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
     return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
 
 
-def _closest_to_target(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
-                       why: list[str]) -> Shape:
-    """The width whose run sees its text closest to PASSES_TARGET times (on a log scale), of
-    those that still take MIN_STEPS steps (fewer leave a wide network untrained); narrow to
-    wide, stopping once a width falls short of either (wider ones only fall further)."""
-    best, best_gap = base, math.inf
+def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
+                  why: list[str]) -> Shape:
+    """The wider of: the widest width whose run takes MIN_STEPS steps, and the narrowest whose
+    run reads the text at most MAX_PASSES times (narrow to wide; a wider width only takes
+    fewer steps and reads the text fewer times, so the search stops once both are settled)."""
+    by_steps, by_passes, trainable = WIDTHS[0], None, WIDTHS[0]
     for width in WIDTHS:
         shape = replace(base, hidden_size=width, dropout=0.0)
         chars = chars_of(shape)[1]
-        passes, steps = chars / max(1, train_chars), chars / (shape.batch_size * shape.seq_len)
-        if steps < MIN_STEPS and best_gap < math.inf:
-            why.append(f"{width} units: {steps:,.0f} steps (fewer than {MIN_STEPS:,})")
+        steps, passes = chars / (shape.batch_size * shape.seq_len), chars / max(1, train_chars)
+        if steps < FEWEST_STEPS:
+            break  # too few steps to train this width (or any wider one) at all
+        trainable = width
+        if steps >= MIN_STEPS:
+            by_steps = width
+        if by_passes is None and passes <= MAX_PASSES:
+            by_passes = width
+        if by_passes is not None and steps < MIN_STEPS:
             break
-        gap = abs(math.log(max(passes, 1e-9) / PASSES_TARGET))
-        if gap < best_gap:
-            best, best_gap = shape, gap
-        if passes < PASSES_TARGET:
-            why.append(f"{width} units: {passes:.1f} passes (target {PASSES_TARGET:g})")
-            break
-    return replace(best, dropout=base.dropout)
+    chosen = max(by_steps, by_passes or trainable)  # no width reads it few enough times: the widest
+    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps; {by_passes} units: the narrowest "
+               f"reading the text at most {MAX_PASSES:g} times")
+    return replace(base, hidden_size=chosen)
 
 
 def _name(shape: Shape) -> str:

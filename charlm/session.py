@@ -26,7 +26,7 @@ import torch
 
 from charlm import checkpoint as ckpt_io
 from charlm import diskspace, memory
-from charlm.budget import Clock, TimeBudget
+from charlm.budget import Clock, TimeBudget, guess_eval_seconds
 from charlm.config import SESSION_KEYS, RunConfig, parse_duration, sectioned, to_toml
 from charlm.data import split
 from charlm.device import resolve_device, resolve_precision
@@ -337,14 +337,9 @@ def _device_available(name: str) -> bool:
 
 def _budget(trainer: Trainer, time_cap: float | None, max_steps: int | None, clock: Clock) -> TimeBudget:
     """The trainer's budget; an evaluation's cost is estimated until one is measured."""
-    val, chars_per_batch = len(trainer.split.val), trainer.batcher.chars_per_batch
-    scored = min(val, trainer.cfg.train.eval_chars or val)
-
-    def eval_guess(sec_per_step: float) -> float:
-        # A forward pass costs about a third of forward + backward.
-        return scored * sec_per_step / chars_per_batch / 3
-
-    return TimeBudget(trainer.plan, time_cap, max_steps, trainer.cfg.session.eval_interval, eval_guess, clock)
+    val = len(trainer.split.val)
+    guess = guess_eval_seconds(min(val, trainer.cfg.train.eval_chars or val), trainer.batcher.chars_per_batch)
+    return TimeBudget(trainer.plan, time_cap, max_steps, trainer.cfg.session.eval_interval, guess, clock)
 
 
 class _StartOnly(Callbacks):

@@ -8,7 +8,6 @@ function, so these tests hold whatever constants the quality panel fits.
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 
 import pytest
@@ -49,16 +48,17 @@ def test_more_text_for_the_same_budget_buys_a_narrower_model():
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] == min(WIDTHS)
 
 
-def test_the_width_is_the_one_closest_to_the_target_passes():
-    p = plan(3_000_000, 1800)
-    from charlm.plan import PASSES_TARGET
+def test_the_width_is_the_wider_of_the_steps_and_the_passes_rules():
+    from charlm.plan import MAX_PASSES, MIN_STEPS
 
-    def passes(width: int) -> float:
-        shape = Shape(hidden_size=width)
-        return flops_speed()(shape) * 1800 * 0.97 / 3_000_000
+    def run(width: int, train_chars: int, seconds: float) -> tuple[float, float]:
+        chars = flops_speed()(Shape(hidden_size=width)) * seconds * 0.97
+        return chars / 1024, chars / train_chars  # steps, passes
 
-    gaps = {w: abs(math.log(passes(w) / PASSES_TARGET)) for w in WIDTHS}
-    assert p.shape.hidden_size == min(gaps, key=gaps.get)
+    for train_chars, seconds in ((10**9, 240), (50_000, 240), (2_000_000, 1800), (300_000, 60)):
+        by_steps = max([w for w in WIDTHS if run(w, train_chars, seconds)[0] >= MIN_STEPS], default=WIDTHS[0])
+        by_passes = min([w for w in WIDTHS if run(w, train_chars, seconds)[1] <= MAX_PASSES], default=WIDTHS[-1])
+        assert plan(train_chars, seconds).shape.hidden_size == max(by_steps, by_passes), (train_chars, seconds)
 
 
 def test_more_passes_buy_more_dropout():
