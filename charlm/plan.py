@@ -30,6 +30,7 @@ or --config) is kept; the planner fills in the rest.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -216,40 +217,43 @@ def _name(shape: Shape) -> str:
 
 
 def step_seconds(shape: Shape, vocab_size: int, steps: int, device: Any, precision: str = "auto",
-                 clock: Callable[[], float] = time.process_time) -> float:
-    """Seconds per training step of `shape` (forward, backward, clipping, AdamW), after three
-    warm-up steps, on random characters: speed does not depend on the text."""
+                 clock: Callable[[], float] = time.process_time, cfg: RunConfig | None = None) -> float:
+    """Seconds a training step of `shape` takes: the median over `steps` steps of the trainer's
+    own step (after three warm-up steps), on random characters (speed does not depend on the
+    text). `cfg` gives the rest of the recipe (the weight average costs a little too)."""
+    import tempfile
+
+    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from charlm.config import ModelConfig
-    from charlm.device import autocast_dtype, resolve_precision
-    from charlm.model import CharRNN
+    from charlm.budget import BudgetState, TimeBudget
+    from charlm.rundir import RunDir
+    from charlm.train import Trainer
+    from charlm.vocab import Vocab
 
-    gen = torch.Generator().manual_seed(0)
-    model = CharRNN(ModelConfig(shape.cell, shape.num_layers, shape.hidden_size, shape.embedding_size,
-                                shape.dropout), vocab_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
-    dtype = autocast_dtype(resolve_precision(precision, device))
-    x = torch.randint(0, vocab_size, (shape.batch_size, shape.seq_len + 1), generator=gen).to(device)
-    state = None
-    start = 0.0
-    for i in range(steps + 3):
-        if i == 3:
+    base = (cfg or RunConfig()).to_dict()
+    trial = RunConfig.from_dict(apply_plan(base, {**shape.settings(), "precision": precision}))
+    chars = max(4 * shape.batch_size * (shape.seq_len + 1) * (steps + 3), 10_000)
+    ids = np.random.default_rng(0).integers(0, vocab_size, chars, dtype=np.int64).astype(np.uint32)
+    vocab = Vocab("".join(chr(0x100 + i) for i in range(vocab_size)))
+    rng, py_rng = torch.get_rng_state(), random.getstate()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(trial, vocab, ids, {}, RunDir(tmp), device)
+        budget = TimeBudget(BudgetState(), None, steps + 3, 10**9, lambda sps: 0.0, clock)
+        budget.begin()
+        times = []
+        for _ in range(steps + 3):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = clock()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits, state = model(x[:, :-1], state)
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (clock() - start) / steps
+            t0 = clock()
+            trainer._step(budget, t0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(clock() - t0)
+    # The trainer seeded the global RNGs: leave them as they were.
+    torch.set_rng_state(rng)
+    random.setstate(py_rng)
+    return float(np.median(times[3:]))
 
 
 def apply_plan(config: dict[str, dict[str, Any]], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
