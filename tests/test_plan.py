@@ -45,19 +45,25 @@ def test_more_compute_buys_a_wider_model():
 
 def test_more_text_for_the_same_budget_buys_a_narrower_model():
     widths = [plan(chars, 1800).shape.hidden_size for chars in (10**5, 10**6, 10**7, 10**8, 10**9)]
-    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] == min(WIDTHS)
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
 
 
 def test_the_width_is_the_wider_of_the_steps_and_the_passes_rules():
-    from charlm.plan import MAX_PASSES, MIN_STEPS
+    from charlm.budget import steps_in
+    from charlm.plan import FEWEST_STEPS, MAX_PASSES, MIN_STEPS
 
     def run(width: int, train_chars: int, seconds: float) -> tuple[float, float]:
-        chars = flops_speed()(Shape(hidden_size=width)) * seconds * 0.97
-        return chars / 1024, chars / train_chars  # steps, passes
+        """(steps, passes) as the budget plans them: the fake machine's speed, evaluations included."""
+        cps = flops_speed()(Shape(hidden_size=width))
+        scored = min(int(train_chars * 0.05 / 0.95), 250_000)
+        steps = steps_in(seconds, 1024 / cps, 1024, scored, 200)
+        return steps, steps * 1024 / train_chars
 
     for train_chars, seconds in ((10**9, 240), (50_000, 240), (2_000_000, 1800), (300_000, 60)):
-        by_steps = max([w for w in WIDTHS if run(w, train_chars, seconds)[0] >= MIN_STEPS], default=WIDTHS[0])
-        by_passes = min([w for w in WIDTHS if run(w, train_chars, seconds)[1] <= MAX_PASSES], default=WIDTHS[-1])
+        runs = {w: run(w, train_chars, seconds) for w in WIDTHS}
+        trainable = [w for w in WIDTHS if runs[w][0] >= FEWEST_STEPS]
+        by_steps = max([w for w in trainable if runs[w][0] >= MIN_STEPS], default=WIDTHS[0])
+        by_passes = min([w for w in trainable if runs[w][1] <= MAX_PASSES], default=max(trainable))
         assert plan(train_chars, seconds).shape.hidden_size == max(by_steps, by_passes), (train_chars, seconds)
 
 
