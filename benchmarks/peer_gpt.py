@@ -11,8 +11,9 @@ and scored on the last 5 % -- the characters charlm's runs hold out and score.
 The budget is CPU seconds of one thread (`time.process_time`), as in benchmarks/quality.py,
 so the comparison with charlm's panel runs is at equal compute and unaffected by other
 load on the machine; `--wall` makes it wall-clock seconds with PyTorch's default threads,
-to compare with `charlm train --time` on a quiet machine. Scoring: windows of 64 characters at a stride of 32, each character
-scored once with at least 32 characters of context (the first window: all of its own).
+to compare with `charlm train --time` on a quiet machine. Scoring: windows of 64
+characters at a stride of 32, each character scored once with at least 32 characters of
+context (the first window: all of its own).
 """
 
 from __future__ import annotations
