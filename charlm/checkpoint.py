@@ -16,6 +16,8 @@ is a `Checkpoint`, grouped by concern::
     ranks                      per process: RNG states, loss window, weight digest
     corpus                     sources, documents, SHA-256 of their bytes, size, encoding
     trained_on                 device, precision, process count
+    init                       where a fine-tuned run started: the checkpoint's path, step,
+                               corpus sources and SHA-256, the vocabulary merge ({}: from scratch)
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, renamed over the
 target with `os.replace`, and the folder is fsynced, so a crash at any moment leaves the
@@ -42,7 +44,7 @@ from charlm.config import RunConfig
 from charlm.errors import CharLMError
 
 FORMAT = "charlm"
-VERSION = 2  # 2: grouped layout and [session] config; 1: one flat dict (upgraded on load)
+VERSION = 3  # 3: the init group; 2: grouped layout and [session] config; 1: one flat dict (upgraded on load)
 TMP_PREFIX = ".tmp-"
 
 
@@ -90,6 +92,7 @@ class Checkpoint:
     hidden: list[torch.Tensor] = field(default_factory=list)
     ranks: list[RankState] = field(default_factory=list)
     trained_on: TrainedOn = field(default_factory=TrainedOn)
+    init: dict[str, Any] = field(default_factory=dict)  # {} for a run trained from scratch
     file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,14 +102,15 @@ class Checkpoint:
                 "scaler": self.scaler, "progress": dataclasses.asdict(self.progress),
                 "plan": dataclasses.asdict(self.plan), "hidden": self.hidden,
                 "ranks": [dataclasses.asdict(r) for r in self.ranks],
-                "trained_on": dataclasses.asdict(self.trained_on)}
+                "trained_on": dataclasses.asdict(self.trained_on), "init": self.init}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str) -> Checkpoint:
         return cls(model=d["model"], config=RunConfig.from_dict(d["config"], origin), vocab=d["vocab"],
                    corpus=d["corpus"], optimizer=d["optimizer"], scaler=d["scaler"],
                    progress=Progress(**d["progress"]), plan=BudgetState(**d["plan"]), hidden=d["hidden"],
-                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]))
+                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]),
+                   init=d["init"])
 
 
 def serialize(ck: Checkpoint) -> bytes:
@@ -204,6 +208,8 @@ def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
     """Bring an older format up to `VERSION`, one version at a time."""
     if obj["version"] == 1:
         obj = _v1_to_v2(obj)
+    if obj["version"] == 2:
+        obj = {**obj, "version": 3, "init": {}}  # 3 added the init group: runs before it started from scratch
     return obj
 
 

@@ -65,6 +65,8 @@ def test_every_field_of_format_1_lands_in_its_group(v1: Path):
     assert ck.config.model.__dict__ == old["config"]["model"]
     # The budget settings moved from [train] to [session]; nothing was lost or changed.
     moved = {**ck.config.train.__dict__, **ck.config.session.__dict__}
+    # Settings added since (records, fine-tuning) take their defaults: a plain run from scratch.
+    assert (moved.pop("records"), moved.pop("init_from"), ck.init) == ("", "", {})
     assert moved == old["config"]["train"]
     p = ck.progress
     assert (p.step, p.chars_seen, p.elapsed, p.best_val_bpc, p.last_val_bpc) == (
