@@ -26,14 +26,18 @@ import torch
 from charlm import checkpoint as ckpt_io
 from charlm.budget import Clock, TimeBudget
 from charlm.config import SESSION_KEYS, RunConfig, parse_duration, sectioned, to_toml
+from charlm.dataset import model_vocab, training_data
 from charlm.device import resolve_device
 from charlm.distributed import Dist, from_env, world_size
 from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError
 from charlm.events import Callbacks, StartInfo, TrainResult
+from charlm.finetune import check_shape, describe, init_record, init_weights, load_base
 from charlm.options import flag
+from charlm.records import RecordSet
 from charlm.rundir import RunDir
 from charlm.train import PendingSignal, Trainer
+from charlm.vocab import Vocab
 
 
 def _no_signal() -> int:
@@ -53,11 +57,22 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
         # Rank 0 alone writes into --out, so its check is the one that counts; a refusal stops
         # every rank (and is printed once). No rank goes on before it is done.
         d.all_or_none(lambda: run_dir.check_new(force) if d.is_main else None)
+        init_from = cfg.train.init_from
+        base = d.all_or_none(lambda: _load_base(cfg, run_dir, force)) if init_from else None
         callbacks = _for_rank(callbacks or Callbacks(), d)
         if corpus is None:
             corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
         callbacks.on_message(corpus_note(corpus))
-        trainer = Trainer(cfg, corpus.vocab, corpus.ids, corpus.desc, run_dir, device, d)
+        enc = corpus
+        vocab = model_vocab(enc.vocab.chars, cfg.train.records, base.vocab if base is not None else "")
+        data = d.all_or_none(lambda: training_data(enc, vocab, cfg.train.records))
+        trainer = Trainer(cfg, vocab, data, corpus.desc, run_dir, device, d)
+        if base is not None:
+            init_weights(trainer.model, base, vocab)
+            trainer.init = init_record(init_from, base, corpus.vocab.chars, vocab)
+            callbacks.on_message("fine-tuning from " + describe(trainer.init))
+        if isinstance(data, RecordSet):
+            callbacks.on_message(records_note(trainer))
         if d.is_main:
             run_dir.create(force)
             run_dir.write_config(to_toml(cfg))
@@ -158,7 +173,9 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
         callbacks = _for_rank(callbacks or Callbacks(), d)
         corpus = d.local_first(lambda: reopen_corpus(ck.corpus, path, ck.vocab, progress=callbacks.on_progress))
         run_dir = RunDir(path.parent)
-        trainer = Trainer(plan.cfg, corpus.vocab, corpus.ids, ck.corpus, run_dir, device, d)
+        vocab = Vocab(ck.vocab)  # the corpus's, merged with a fine-tuned run's base and markers
+        data = training_data(corpus, vocab, plan.cfg.train.records)
+        trainer = Trainer(plan.cfg, vocab, data, ck.corpus, run_dir, device, d)
         trainer.load(ck)
         budget = _budget(trainer, plan.time_cap, plan.max_steps, clock)
         if plan.max_steps is not None:
@@ -177,6 +194,33 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
         return trainer.loop(budget, callbacks, pending_signal)
     finally:
         d.close()
+
+
+def _load_base(cfg: RunConfig, run_dir: RunDir, force: bool) -> ckpt_io.Checkpoint:
+    """The --init-from checkpoint, checked: safe to load, its shape the run's, and not a file
+    that --force is about to delete."""
+    path = Path(cfg.train.init_from)
+    if force and path.resolve().parent == run_dir.path.resolve() and path.exists():
+        raise CharLMError(f"--init-from {path} is a file of the --out folder, which --force clears; "
+                          "copy it elsewhere first")
+    base = load_base(path)
+    check_shape(cfg.model, base, path)
+    return base
+
+
+def records_note(trainer: Trainer) -> str:
+    """One line on the records a run trains on (and how long ones are read)."""
+    train, val = trainer.split.train, trainer.split.val
+    assert isinstance(train, RecordSet) and isinstance(val, RecordSet)
+    longest = int(max(train.lengths.max(), val.lengths.max()))
+    text = (f"records ({train.mode}): {train.count:,} training, {val.count:,} held out; "
+            f"longest {longest:,} characters")
+    seq_len = trainer.cfg.train.seq_len
+    long = int((train.lengths + 1 > seq_len).sum())
+    if long:
+        text += (f"; {long:,} training records are longer than --seq-len {seq_len}: each is read in "
+                 "windows of that length, its state carried from one to the next")
+    return text
 
 
 def _raise(error: CharLMError | None) -> None:
