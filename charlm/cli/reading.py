@@ -76,6 +76,12 @@ def info(
              + (f" x {data['processes']} processes" if data["processes"] > 1 else "")),
             ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
             ("corpus sha256", str(c["sha256"]))]
+    if data.get("init_from"):
+        from charlm.finetune import describe
+
+        init = data["init_from"]
+        rows += [("initialised from", describe(init)),
+                 ("its corpus sha256", str(init["corpus"]["sha256"]))]
     for section, values in data["config"].items():
         rows.extend((f"{section}.{k}", str(v)) for k, v in values.items())
     print(_table(rows))

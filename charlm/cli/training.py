@@ -76,6 +76,10 @@ def train(
     if no_preview:
         settings["preview_length"] = 0
     cfg = build_config(config, settings)
+    if cfg.train.init_from:  # fine-tuning: the model's settings default to the checkpoint's
+        from charlm.finetune import base_defaults
+
+        cfg = build_config(config, settings, defaults=base_defaults(cfg.train.init_from))
     _with_progress(quiet, lambda callbacks, stop: fit(
         cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop))
 
