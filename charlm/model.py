@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from charlm.config import ModelConfig
 
@@ -33,13 +32,7 @@ class CharRNN(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden_size, vocab_size)
 
-    def forward(self, idx: torch.Tensor | PackedSequence, state: State | None = None) -> tuple[torch.Tensor, State]:
-        if isinstance(idx, PackedSequence):
-            # Records (charlm.record_batch): one sequence per record piece, read by the same
-            # fused kernel; the logits are (N, V), one row per real position, in packed order.
-            packed = PackedSequence(self.embed(idx.data), idx.batch_sizes, idx.sorted_indices, idx.unsorted_indices)
-            out_packed, state = self.rnn(packed, state)
-            return self.head(self.drop(out_packed.data)), state
+    def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         x = self.embed(idx)  # (B, T, E)
         out, state = self.rnn(x, state)  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)

@@ -1,23 +1,25 @@
-"""Batches of records: rows of truncated-BPTT windows, the state reset at every record start.
+"""Batches of records: whole records packed into windows, each read from a fresh state.
 
-The records are laid end to end, each as its start marker and its characters (its targets:
-the characters and the end marker), and cut into B rows at record boundaries, rows of about
-equal length; batch k is the window [kT, kT + T) of every row:
+The records are cut into B rows at record boundaries, rows of about equal length. Each
+batch takes from every row a window of at most T (`--seq-len`) positions: as many whole
+records as fit (a record is its start marker and its characters; its targets are the
+characters and the end marker). Every record of a window becomes one row of the batch,
+padded to the longest, and starts from a zero state:
 
-    row 0: |S a n n S b o b S c a r o l S d| a v e S e ...     (S: a start marker)
-    row 1: |S e l l a S f r a n k S g r a c| e S h a l ...
-            '---------- window 0 ----------''-- window 1 ...
+    row 0 of the text:  S a n n S b o b S c a r o l S d a v e S e ...   (S: start marker)
+    window 0 (T = 16):  [S a n n] [S b o b] [S c a r o l]      -> 3 batch rows, from zero
+    window 1:           [S d a v e] [S e ...] ...
 
-A window holds the ends and starts of several records. Zeroing the state at a record start
-inside a window would need a Python loop over its T steps, so instead each window is split
-at its record starts into segments, and the segments of all rows run through the model's
-fused recurrent kernel as one packed batch (`torch.nn.utils.rnn.PackedSequence`): a segment
-that starts a record starts from a zero state; the first segment of a row that continues a
-record from the previous window starts from that row's carried state; the state at the end
-of a row's last segment is carried to its next window. So a record longer than T is trained
-in pieces of T with its state carried from piece to piece (the gradient stops at the window
-edge, as in stream mode), and nothing crosses from one record to the next. The output layer
-reads only real positions: there is no padding to pay for.
+So the recurrent layers run as PyTorch's fused kernel (oneDNN / cuDNN) over a (records x
+longest) batch, with no step-by-step loop and nothing crossing from one record to the next;
+padding positions are computed but never scored. A record longer than T is read in pieces
+of T, alone in its window, its state carried from piece to piece (the gradient stops at the
+piece's edge, as in stream mode); every piece but the last is exactly T long, the batch's
+longest, so its final state is exact. A window fills to T minus what does not fit: its
+next record starts the next window.
+
+A batch is a function of the pass's batch number alone, so a checkpoint stores that number
+(and the pass) and a resume recomputes every row's place, in any number of processes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from charlm.errors import CharLMError
 from charlm.evaluate import LN2
@@ -39,22 +40,23 @@ from charlm.records import RecordSet
 
 @dataclass
 class RecordBatch:
-    """One window of every row, as packed segments."""
+    """One window of every row: one batch row per record (or piece of one)."""
 
-    x: PackedSequence  # input ids, one sequence per segment
-    y: torch.Tensor  # (N,) target ids in the packed order
-    record: np.ndarray  # (N,) which record (of the RecordSet) each target belongs to
-    seg_row: torch.Tensor  # (S,) the row of each segment
-    carried: torch.Tensor  # (S,) segment numbers that continue a record from the row's previous window
-    rows: torch.Tensor  # rows with a segment in this window ...
-    last: torch.Tensor  # ... and the number of their last segment
+    x: torch.Tensor  # (S, L) input ids, padded
+    y: torch.Tensor  # (S, L) target ids
+    mask: torch.Tensor  # (S, L) bool: real positions (the ones scored)
+    record: np.ndarray  # (S,) which record (of the RecordSet) each batch row reads
+    seg_row: torch.Tensor  # (S,) the text row each batch row comes from
+    carried: torch.Tensor  # batch rows that continue a record from their text row's previous window
+    out_rows: torch.Tensor  # text rows whose record goes on in their next window ...
+    out_segs: torch.Tensor  # ... and the batch row holding its piece (exactly L long)
 
     @property
     def chars(self) -> int:
-        return len(self.y)
+        return int(self.mask.sum())
 
     def initial_state(self, carry: State) -> State:
-        """Each segment's starting state: zero, or its row's carried state."""
+        """Each batch row's starting state: zero, or its text row's carried state."""
         out = []
         for c in state_to_list(carry):
             h0 = c.new_zeros(c.shape[0], len(self.seg_row), c.shape[2])
@@ -63,12 +65,11 @@ class RecordBatch:
         return _as_state(out, carry)
 
     def carry(self, final: State, carry: State) -> State:
-        """The rows' state after this window: their last segment's final state (rows with no
-        segment keep theirs; they are past their end until the next pass)."""
+        """The text rows' state after this window (only a record that goes on needs one)."""
         out = []
         for c, f in zip(state_to_list(carry), state_to_list(final), strict=True):
             c = c.clone()
-            c[:, self.rows] = f[:, self.last].to(c.dtype)
+            c[:, self.out_rows] = f[:, self.out_segs].to(c.dtype)
             out.append(c)
         return _as_state(out, carry)
 
@@ -78,76 +79,97 @@ def _as_state(tensors: list[torch.Tensor], like: State) -> State:
 
 
 class RecordRows:
-    """A RecordSet cut into rows at record boundaries; `window` builds the batch of any window."""
+    """A RecordSet cut into rows at record boundaries, read a window at a time (`next`)."""
 
-    def __init__(self, rs: RecordSet, n_rows: int, rows: range | None = None) -> None:
-        self.rs = rs
+    def __init__(self, rs: RecordSet, n_rows: int, window: int, device: torch.device,
+                 rows: range | None = None) -> None:
         count = rs.count
         if count < n_rows:
             raise CharLMError(f"--records: {count:,} training records are fewer than the {n_rows} rows of a "
                               "batch (--batch-size); use a smaller --batch-size or more records")
-        # Each record is its start marker and its characters: lengths + 1 positions.
-        self.off = np.concatenate([[0], np.cumsum(rs.lengths + 1)]).astype(np.int64)  # (R + 1,)
-        self.total = int(self.off[-1])
-        first = np.searchsorted(self.off[:-1], np.arange(n_rows + 1) * self.total // n_rows, side="left")
+        self.rs, self.window, self.device = rs, window, device
+        self.tokens = rs.lengths + 1  # a record's positions: its start marker and its characters
+        self.off = np.concatenate([[0], np.cumsum(self.tokens)]).astype(np.int64)  # (R + 1,)
+        total = int(self.off[-1])
+        first = np.searchsorted(self.off[:-1], np.arange(n_rows + 1) * total // n_rows, side="left")
         first[0], first[-1] = 0, count
         for b in range(1, n_rows):  # every row gets at least one record
             first[b] = min(max(first[b], first[b - 1] + 1), count - (n_rows - b))
         mine = np.asarray(rows if rows is not None else range(n_rows), dtype=np.int64)
-        self.row_start = self.off[first[mine]]  # (B,)
-        self.row_end = self.off[first[mine + 1]]
-        self.longest = int((self.row_end - self.row_start).max())
+        self.first, self.end = first[mine], first[mine + 1]  # (B,) each row's records [first, end)
+        self.restart()
 
     def __len__(self) -> int:
-        return len(self.row_start)
+        return len(self.first)
 
-    def window(self, pos: int, length: int, device: torch.device) -> RecordBatch:
-        """Positions [pos, pos + length) of every row, split at record starts."""
-        rs, T, B = self.rs, length, len(self)
-        p = self.row_start[:, None] + pos + np.arange(T + 1)  # (B, T + 1)
-        valid = p[:, :T] < self.row_end[:, None]  # a prefix of each row
-        p = np.minimum(p, self.total)
-        rec = np.searchsorted(self.off, p, side="right") - 1  # (B, T + 1), R at the very end
-        inside = p > self.off[rec]  # a character; else a record's start marker
-        src = np.where(inside, rs.starts[np.minimum(rec, rs.count - 1)] + p - self.off[rec] - 1, 0)
-        chars = rs.table[np.asarray(rs.ids[src.ravel()]).astype(np.int64)].reshape(src.shape)
-        tok = np.where(inside, chars, rs.start_id)
-        x = tok[:, :T]
-        y = np.where(inside[:, 1:], tok[:, 1:], rs.end_id)  # the next record's start: this one's end
-        # Segments: a row's first valid position, and every record start.
-        begins = valid & ((x == rs.start_id) | (np.arange(T) == 0))
-        flat = np.flatnonzero(begins)  # row-major: segments ordered by row, then position
-        seg_row = flat // T
-        row_stop = seg_row * T + valid.sum(1)[seg_row]
-        lengths = np.minimum(np.append(flat[1:], B * T), row_stop) - flat
-        index = np.minimum(flat[:, None] + np.arange(int(lengths.max())), B * T - 1)  # (S, Lmax)
-        lengths_t = torch.from_numpy(lengths)
+    def restart(self) -> None:
+        """Back to the start of every row (a new pass)."""
+        self.rec = self.first.copy()  # (B,) the record each row is in
+        self.at = np.zeros_like(self.rec)  # (B,) and how far into it (a long record's pieces)
 
-        def pack(a: np.ndarray, to: torch.device | None = None) -> PackedSequence:
-            padded = torch.from_numpy(np.ascontiguousarray(a.ravel()[index]))
-            return pack_padded_sequence(padded if to is None else padded.to(to), lengths_t, batch_first=True,
-                                        enforce_sorted=False)
+    @property
+    def done(self) -> bool:
+        return bool((self.rec >= self.end).all())
 
-        xs, ys, records = pack(x, device), pack(y, device), pack(rec[:, :T])
-        carried = np.flatnonzero(x.ravel()[flat] != rs.start_id)
-        rows = np.flatnonzero(valid[:, 0])
-        last = np.searchsorted(seg_row, rows, side="right") - 1
-        to = (lambda a: torch.from_numpy(a).to(device))  # noqa: E731
-        return RecordBatch(xs, ys.data, records.data.numpy(), to(seg_row), to(carried),
-                           to(rows), to(last))
+    def _advance(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Take the next window of every row: its segments (record, offset, length, text row)
+        and which rows' records go on past it; moves the rows on."""
+        T = self.window
+        active = self.rec < self.end
+        r = np.minimum(self.rec, len(self.tokens) - 1)
+        rest = self.tokens[r] - self.at
+        piece = active & (rest > T)  # in a record longer than the window: one piece of T
+        whole = active & ~piece  # the rest of its record, then every whole record that fits
+        fits = np.searchsorted(self.off, self.off[r] + self.at + T, side="right") - 1
+        stop = np.where(whole, np.minimum(fits, self.end), self.rec)
+        counts = np.where(piece, 1, stop - self.rec)  # >= 1 for a `whole` row: its record fits
+        seg_row = np.repeat(np.arange(len(counts)), counts)
+        k = np.arange(len(seg_row)) - np.repeat(np.cumsum(counts) - counts, counts)  # index in its row
+        seg_rec = np.repeat(self.rec, counts) + k
+        seg_off = np.where(k == 0, np.repeat(self.at, counts), 0)
+        seg_len = np.where(piece[seg_row], T, self.tokens[np.minimum(seg_rec, len(self.tokens) - 1)] - seg_off)
+        self.at = np.where(piece, self.at + T, 0)
+        self.rec = np.where(piece, self.rec, stop)
+        return seg_rec, seg_off, seg_len, seg_row, piece
+
+    def skip(self, batches: int) -> None:
+        """Move on `batches` windows without building them (a resume finds its place)."""
+        for _ in range(batches):
+            self._advance()
+
+    def next(self) -> RecordBatch:
+        """The next window of every row as a batch (call only while not `done`)."""
+        rs = self.rs
+        seg_rec, seg_off, seg_len, seg_row, piece = self._advance()
+        width = int(seg_len.max())
+        j = seg_off[:, None] + np.arange(width + 1)  # (S, L + 1) positions in each record
+        chars = rs.lengths[seg_rec][:, None]
+        inside = (j >= 1) & (j <= chars)
+        src = np.where(inside, rs.starts[seg_rec][:, None] + j - 1, 0)
+        ids = rs.table[np.asarray(rs.ids[src.ravel()]).astype(np.int64)].reshape(src.shape)
+        # Position 0 is the start marker, then the characters; the one after the last is the
+        # end marker (and so is the padding past it, which is never scored).
+        tokens = np.where(j == 0, rs.start_id, np.where(inside, ids, rs.end_id))
+        mask = np.arange(width) < seg_len[:, None]
+        carried = np.flatnonzero(seg_off > 0)
+        out_rows = np.flatnonzero(piece)
+        out_segs = np.searchsorted(seg_row, out_rows)  # a piece is its row's only segment
+        assert not len(out_rows) or width == self.window  # a piece's final state is exact
+        to = (lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device))  # noqa: E731
+        return RecordBatch(to(tokens[:, :-1]), to(tokens[:, 1:]), to(mask), seg_rec, to(seg_row), to(carried),
+                           to(out_rows), to(out_segs))
 
 
 class RecordBatcher:
-    """Training windows over the rows of the training records; its position is part of a
-    checkpoint (as `charlm.data.StreamBatcher`'s)."""
+    """Training windows over the rows of the training records; its position (the batch
+    number within the pass, and the pass) is part of a checkpoint."""
 
     def __init__(self, rs: RecordSet, batch_size: int, seq_len: int, device: torch.device,
                  rows: range | None = None) -> None:
-        self.rows = RecordRows(rs, batch_size, rows)
-        self.starts = self.rows.row_start  # one per row of this process (as StreamBatcher's)
+        self.rows = RecordRows(rs, batch_size, seq_len, device, rows)
+        self.starts = self.rows.first  # one per row of this process (as StreamBatcher's)
         self.seq_len = seq_len
-        self.device = device
-        self.pos = 0
+        self.pos = 0  # batches taken in this pass
         self.epoch = 0
 
     @property
@@ -155,45 +177,48 @@ class RecordBatcher:
         return len(self.rows) * self.seq_len
 
     def next(self) -> RecordBatch:
-        if self.pos >= self.rows.longest:
-            self.pos = 0  # every row starts a record again: the state resets by itself
+        if self.rows.done:
+            self.rows.restart()  # every row starts a record again
+            self.pos = 0
             self.epoch += 1
-        start = self.pos
-        self.pos += self.seq_len
-        return self.rows.window(start, self.seq_len, self.device)
+        self.pos += 1
+        return self.rows.next()
 
     def state_dict(self) -> dict[str, int]:
         return {"pos": self.pos, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.rows.restart()
+        self.rows.skip(int(state["pos"]))
         self.pos = int(state["pos"])
         self.epoch = int(state["epoch"])
 
 
-def packed_loss(net: Callable[..., Any], batch: RecordBatch, carry: State) -> tuple[torch.Tensor, State]:
-    """Mean cross-entropy (nats) of a batch's targets and the rows' state to carry."""
-    logits, final = net(batch.x, batch.initial_state(carry))  # (N, V)
-    loss = F.cross_entropy(logits.float(), batch.y)
+def record_loss(net: Callable[..., Any], batch: RecordBatch, carry: State) -> tuple[torch.Tensor, State]:
+    """Mean cross-entropy (nats) over a batch's real positions, and the rows' state to carry."""
+    logits, final = net(batch.x, batch.initial_state(carry))  # (S, L, V)
+    loss = F.cross_entropy(logits[batch.mask].float(), batch.y[batch.mask])
     return loss, batch.carry(final, carry)
 
 
 @torch.inference_mode()
-def record_bits(model: CharRNN, rs: RecordSet, device: torch.device, chunk: int = 1024,
+def record_bits(model: CharRNN, rs: RecordSet, device: torch.device, window: int = 1024,
                 max_rows: int = 16) -> np.ndarray:
     """Bits of each record (float64, (R,)): its characters and its end marker, each record
-    read from a fresh state, in `max_rows` rows of `chunk`-long windows."""
+    read from a fresh state; `max_rows` rows read `window` positions at a time."""
     if rs.count == 0:
         return np.zeros(0, dtype=np.float64)
-    rows = RecordRows(rs, min(max_rows, rs.count))
+    rows = RecordRows(rs, min(max_rows, rs.count), window, device)
     was_training = model.training
     model.eval()
     bits = np.zeros(rs.count, dtype=np.float64)
     carry = model.init_state(len(rows), device)
-    for pos in range(0, rows.longest, chunk):
-        batch = rows.window(pos, chunk, device)
+    while not rows.done:
+        batch = rows.next()
         logits, final = model(batch.x, batch.initial_state(carry))
-        nats = F.cross_entropy(logits.float(), batch.y, reduction="none").double().cpu().numpy()
-        bits += np.bincount(batch.record, weights=nats / LN2, minlength=rs.count)
+        nats = F.cross_entropy(logits.float().transpose(1, 2), batch.y, reduction="none")  # (S, L)
+        per_row = (nats * batch.mask).sum(1).double().cpu().numpy()
+        bits += np.bincount(batch.record, weights=per_row / LN2, minlength=rs.count)
         carry = batch.carry(final, carry)
     model.train(was_training)
     return bits

@@ -43,7 +43,7 @@ from charlm.errors import TrainingInterrupted
 from charlm.evaluate import LN2, evaluate
 from charlm.events import Callbacks, EvalRecord, StepStats, TrainResult
 from charlm.model import CharRNN, State, detach_state, state_from_list, state_to_list
-from charlm.record_batch import RecordBatcher, evaluate_records, packed_loss
+from charlm.record_batch import RecordBatcher, evaluate_records, record_loss
 from charlm.records import RecordSet, RecordSplit
 from charlm.rundir import RunDir
 from charlm.schedule import lr_at
@@ -249,7 +249,7 @@ class Trainer:
             if self.hidden is None:
                 self.hidden = self.model.init_state(len(self.batcher.starts), self.device)
             with self.autocast():
-                loss, hidden = packed_loss(self.net, batch, self.hidden)
+                loss, hidden = record_loss(self.net, batch, self.hidden)
             return loss, hidden, batch.chars
         x, y, reset = self.batcher.next()  # (B, T) each
         if reset or self.hidden is None:

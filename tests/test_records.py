@@ -24,7 +24,7 @@ from charlm.dataset import model_vocab, training_data
 from charlm.encode import encode_corpus
 from charlm.errors import CharLMError, TrainingInterrupted
 from charlm.events import Callbacks
-from charlm.record_batch import RecordBatcher, RecordRows, evaluate_records, packed_loss, record_bits
+from charlm.record_batch import RecordBatcher, RecordRows, evaluate_records, record_bits, record_loss
 from charlm.records import END, START, find_records, split_text
 from charlm.vocab import Vocab
 
@@ -138,7 +138,7 @@ def test_each_record_is_scored_as_if_read_alone_in_any_order_and_window(lm):
     # Another order, other rows, windows shorter than most records (pieces carry the state):
     # every record's bits are the same.
     order = np.random.default_rng(1).permutation(sub.count)
-    shuffled = record_bits(lm.model, sub.subset(order), CPU, chunk=3, max_rows=5)
+    shuffled = record_bits(lm.model, sub.subset(order), CPU, window=3, max_rows=5)
     np.testing.assert_allclose(shuffled, bits[order], rtol=0, atol=1e-4)
     # Control: read as one stream (the state carried over from the records before), the
     # same records score differently.
@@ -156,16 +156,16 @@ def test_training_windows_give_each_record_its_own_loss(lm):
     alone, whichever records share its row and window."""
     corpus, rs = names_set(lm)
     sub = rs.subset(slice(0, 60))
-    batcher = RecordBatcher(sub, batch_size=4, seq_len=16, device=CPU)
+    batcher = RecordBatcher(sub, batch_size=4, seq_len=5, device=CPU)  # many records longer than 5
     lm.model.eval()
     per_record = np.zeros(sub.count)
     carry = lm.model.init_state(4, CPU)
-    for _ in range(-(-batcher.rows.longest // 16)):
+    while not batcher.rows.done:
         batch = batcher.next()
         with torch.no_grad():
             logits, final = lm.model(batch.x, batch.initial_state(carry))
-        nats = F.cross_entropy(logits, batch.y, reduction="none").numpy()
-        per_record += np.bincount(batch.record, weights=nats / math.log(2), minlength=sub.count)
+        nats = F.cross_entropy(logits.transpose(1, 2), batch.y, reduction="none") * batch.mask
+        per_record += np.bincount(batch.record, weights=nats.sum(1).numpy() / math.log(2), minlength=sub.count)
         carry = batch.carry(final, carry)
     alone = [direct_bits(lm, sub.text(i, corpus.vocab)) for i in range(sub.count)]
     np.testing.assert_allclose(per_record, alone, rtol=0, atol=1e-4)
@@ -175,8 +175,8 @@ def test_no_gradient_crosses_from_one_record_to_the_next(lm):
     corpus, rs = names_set(lm)
     sub = rs.subset(slice(0, 3))  # one row holding three records
     texts = [sub.text(i, corpus.vocab) for i in range(3)]
-    rows = RecordRows(sub, 1)
-    batch = rows.window(0, rows.longest, CPU)
+    batch = RecordRows(sub, 1, window=100, device=CPU).next()
+    assert batch.record.tolist() == [0, 1, 2]  # one batch row per record
     seen: dict[str, torch.Tensor] = {}
 
     def keep(module, inputs, output):
@@ -187,11 +187,11 @@ def test_no_gradient_crosses_from_one_record_to_the_next(lm):
     hook = lm.model.embed.register_forward_hook(keep)
     try:
         logits, _ = lm.model(batch.x, batch.initial_state(lm.model.init_state(1, CPU)))
-        nats = F.cross_entropy(logits, batch.y, reduction="none")
-        nats[torch.from_numpy(batch.record == 1)].sum().backward()  # the second record's loss
-        grad = seen["embedded"].grad.abs().sum(1).numpy()  # per position, packed order
-        assert np.all(grad[batch.record == 0] == 0) and np.all(grad[batch.record == 2] == 0)
-        assert np.all(grad[batch.record == 1] > 0)
+        nats = F.cross_entropy(logits.transpose(1, 2), batch.y, reduction="none") * batch.mask
+        nats[1].sum().backward()  # the second record's loss
+        grad = seen["embedded"].grad.abs().sum(2)  # (records, positions)
+        assert torch.all(grad[0] == 0) and torch.all(grad[2] == 0)
+        assert torch.all(grad[1][batch.mask[1]] > 0)
         # Control: the same three records read as one stream do pass gradient backwards.
         stream = lm.vocab.encode("".join(START + t + END for t in texts))
         logits, _ = lm.model(stream[None, :-1])
@@ -235,20 +235,16 @@ def test_a_training_batch_predicts_end_markers_never_start_markers(lm):
     batch = batcher.next()
     lm.model.eval()
     with torch.no_grad():
-        loss, _ = packed_loss(lm.model, batch, lm.model.init_state(4, CPU))
-    assert batch.chars == 4 * 16  # every position of the first window holds a record
-    assert (batch.y == rs.end_id).sum() > 0 and (batch.y == rs.start_id).sum() == 0
-    # The loss is the mean over those 64 targets, each record read from its own start (a
-    # record cut by the window edge: the first positions of it).
+        loss, _ = record_loss(lm.model, batch, lm.model.init_state(4, CPU))
+    real = batch.y[batch.mask]
+    assert (real == rs.end_id).sum() == len(batch.record)  # every record of the window ends in it
+    assert (real == rs.start_id).sum() == 0 and batch.chars <= 4 * 16
+    # Whole records only (none of these names is longer than the window): the loss is the
+    # mean over their characters and end markers, each record read alone.
     vocab = lm.run_corpus().vocab
-    total = 0.0
-    for i in np.unique(batch.record):
-        ids = lm.vocab.encode(START + sub.text(int(i), vocab) + END)
-        with torch.no_grad():
-            logits, _ = lm.model(ids[None, :-1])
-        nats = F.cross_entropy(logits[0], ids[1:], reduction="none")
-        total += nats[:int((batch.record == i).sum())].sum().item()
-    assert loss.item() == pytest.approx(total / 64, abs=1e-5)
+    total = sum(direct_bits(lm, sub.text(int(i), vocab)) for i in batch.record) * math.log(2)
+    assert batch.chars == sum(int(sub.lengths[i]) + 1 for i in batch.record)
+    assert loss.item() == pytest.approx(total / batch.chars, abs=1e-5)
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -353,12 +349,21 @@ def test_records_batcher_wraps_to_a_new_pass_with_fresh_records(names_file):
     corpus = encode_corpus([str(names_file)])
     rs = training_data(corpus, model_vocab(corpus.vocab.chars, "lines"), "lines").split(0.05).train
     batcher = RecordBatcher(rs, batch_size=6, seq_len=8, device=CPU)
-    windows = -(-batcher.rows.longest // 8)
     first = batcher.next()
-    for _ in range(windows - 1):
-        batcher.next()
+    read = np.bincount(first.record, weights=first.mask.sum(1).numpy(), minlength=rs.count)
+    while not batcher.rows.done:
+        batch = batcher.next()
+        read += np.bincount(batch.record, weights=batch.mask.sum(1).numpy(), minlength=rs.count)
+    # A pass reads every position of every training record once (long ones in pieces of 8).
+    assert np.array_equal(read, rs.lengths + 1) and (rs.lengths + 1 > 8).any()
     again = batcher.next()
     assert batcher.epoch == 1 and torch.equal(again.y, first.y) and len(again.carried) == 0
+    # A resume finds its place from the batch number alone.
+    for _ in range(5):
+        batcher.next()
+    later = RecordBatcher(rs, batch_size=6, seq_len=8, device=CPU)
+    later.load_state_dict(batcher.state_dict())
+    assert torch.equal(later.next().x, batcher.next().x)
 
 
 # --- bad input ------------------------------------------------------------------------------
