@@ -407,3 +407,13 @@ def test_records_longer_than_the_window_are_trained_in_pieces(tmp_path):
     note = next(m for m in rec.messages if m.startswith("records (lines)"))
     long = sum(len(n) + 1 > 4 for n in NAMES[:200][:-10])
     assert f"{long:,} training records are longer than --seq-len 4" in note
+
+
+def test_novelty_reads_a_file_of_records(names_run, tmp_path, runner):
+    listed = tmp_path / "some.txt"
+    listed.write_text(f"{NAMES[0]}\n{NAMES[1]}\n\nZzyzx\n{NAMES[2]}\n{NAMES[-1]}\n", encoding="utf-8")
+    res = runner.invoke(app, ["novelty", str(names_run), str(listed)])
+    assert res.exit_code == 0, res.output
+    # The last name is held out: not training text. Zzyzx is in no list.
+    assert "exact training records: 60.0% (3 of 5)" in res.stdout
+    assert "in 5 samples" in res.stdout
