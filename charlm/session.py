@@ -219,7 +219,7 @@ def records_note(trainer: Trainer) -> str:
     long = int((train.lengths + 1 > seq_len).sum())
     if long:
         text += (f"; {long:,} training records are longer than --seq-len {seq_len}: each is read in "
-                 "windows of that length, its state carried from one to the next")
+                 "pieces of that length, its state carried from piece to piece")
     return text
 
 
