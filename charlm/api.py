@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from charlm import checkpoint as ckpt_io
-from charlm.data import split, translate
+from charlm.data import Array, split, translate
+from charlm.dataset import training_data
 from charlm.device import resolve_device
 from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError
 from charlm.evaluate import evaluate
 from charlm.model import CharRNN
+from charlm.record_batch import evaluate_records
+from charlm.records import RecordSet, generate_records, known_records, record_set
 from charlm.sample import SampleOptions, Sampler
 from charlm.vocab import Vocab
 
@@ -34,12 +37,23 @@ class CharLM:
         self.model.to(self.device).eval()
         self.sampler = Sampler(self.model, self.vocab, self.device)
 
+    @property
+    def records(self) -> str:
+        """The model's records mode ("lines", "blank-lines"), or "" for a stream of text."""
+        return self.config.train.records
+
     def stream(self, **options: Any) -> Iterator[str]:
         """Yield one sample's characters as they are generated (options: `SampleOptions`)."""
+        if self.records:
+            return (chars[0] for chars in self.stream_batch(SampleOptions(**options)) if chars[0])
         return self.sampler.generate(SampleOptions(**options))
 
     def stream_batch(self, opts: SampleOptions) -> Iterator[list[str]]:
-        """Yield one character per sample per step, all samples generated as one batch."""
+        """Yield one character per sample per step, all samples generated as one batch. A
+        records model generates whole records: each starts fresh (with the prime) and ends
+        at its end marker, which is not yielded ("" once a record has ended)."""
+        if self.records:
+            return generate_records(self.sampler, opts)
         return self.sampler.generate_batch(opts)
 
     def sample(self, **options: Any) -> str | list[str]:
@@ -59,22 +73,36 @@ class CharLM:
     def evaluate(self, specs: list[str] | None = None, encoding: str | None = None) -> dict[str, Any]:
         """Bits per character on CORPUS specs, or on the run's own held-out part without them.
 
-        Characters outside the vocabulary cannot be scored: they are left out and counted.
+        Characters outside the vocabulary cannot be scored: they are left out and counted
+        (for a records model, the records that hold them). A records model reads the text as
+        records and scores whole ones, their end markers included.
         """
+        ids: Array | RecordSet
         if specs:
             corpus = encode_corpus(specs, encoding)
-            ids, skipped = translate(corpus.ids, self.vocab.table_from(corpus.vocab))
             source = list(specs)
             max_chars = None
+            if self.records:
+                ids, skipped = known_records(record_set(corpus.ids, corpus.vocab, self.vocab, self.records))
+            else:
+                ids, skipped = translate(corpus.ids, self.vocab.table_from(corpus.vocab))
         else:
             corpus = self.run_corpus()
-            ids, skipped = split(corpus.ids, self.config.train.val_fraction).val, 0
+            data = training_data(corpus, self.vocab, self.records)
+            val_fraction = self.config.train.val_fraction
+            ids = data.split(val_fraction).val if isinstance(data, RecordSet) else split(data, val_fraction).val
+            skipped = 0
             source = ["held-out part of " + ", ".join(corpus.desc["specs"])]
             # Scored as training scored it, so the number matches the run's val bpc.
             max_chars = self.config.train.eval_chars
-        if len(ids) < 2:
-            raise CharLMError("nothing to evaluate: fewer than 2 known characters")
-        bpc, chars = evaluate(self.model, ids, self.device, max_chars=max_chars)
+        if isinstance(ids, RecordSet):
+            if not ids.count:
+                raise CharLMError("nothing to evaluate: no record with only known characters")
+            bpc, chars = evaluate_records(self.model, ids, self.device, max_chars=max_chars)
+        else:
+            if len(ids) < 2:
+                raise CharLMError("nothing to evaluate: fewer than 2 known characters")
+            bpc, chars = evaluate(self.model, ids, self.device, max_chars=max_chars)
         return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
                 "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
 
@@ -111,6 +139,7 @@ class CharLM:
             "corpus": {"sources": corpus.get("specs"), "documents": len(corpus.get("documents", [])),
                        "chars": corpus.get("chars"), "sha256": corpus.get("sha256")},
             "config": self.config.to_dict(),
+            "init_from": ck.init or None,
         }
 
 

@@ -17,7 +17,9 @@ is a `Checkpoint`, grouped by concern::
     ranks                      per process: RNG states, loss window, weight digest
     corpus                     sources, documents, SHA-256 of their bytes, size, encoding
     trained_on                 device, precision, process count
-    planner                    what the planner chose and why (absent when it did not run)
+    init                       where a fine-tuned run started: the checkpoint's path, step,
+                               corpus sources and SHA-256, the vocabulary merge ({}: from scratch)
+    planner                    what the planner chose and why (None: the settings were given)
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, renamed over the
 target with `os.replace`, and the folder is fsynced, so a crash at any moment leaves the
@@ -44,7 +46,8 @@ from charlm.config import RunConfig
 from charlm.errors import CharLMError
 
 FORMAT = "charlm"
-VERSION = 2  # 2: grouped layout and [session] config; 1: one flat dict (upgraded on load)
+# 3: the init, planner and live groups; 2: grouped layout and [session] config; 1: one flat dict.
+VERSION = 3  # older versions are upgraded on load
 TMP_PREFIX = ".tmp-"
 
 
@@ -93,6 +96,7 @@ class Checkpoint:
     hidden: list[torch.Tensor] = field(default_factory=list)
     ranks: list[RankState] = field(default_factory=list)
     trained_on: TrainedOn = field(default_factory=TrainedOn)
+    init: dict[str, Any] = field(default_factory=dict)  # {} for a run trained from scratch
     planner: dict[str, Any] | None = None  # the plan's summary, reasons and numbers
     live: dict[str, torch.Tensor] | None = None  # with --ema: the weights training goes on from
     file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
@@ -104,7 +108,8 @@ class Checkpoint:
                 "scaler": self.scaler, "progress": dataclasses.asdict(self.progress),
                 "plan": dataclasses.asdict(self.plan), "hidden": self.hidden,
                 "ranks": [dataclasses.asdict(r) for r in self.ranks],
-                "trained_on": dataclasses.asdict(self.trained_on), "planner": self.planner, "live": self.live}
+                "trained_on": dataclasses.asdict(self.trained_on), "init": self.init, "planner": self.planner,
+                "live": self.live}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str) -> Checkpoint:
@@ -112,8 +117,7 @@ class Checkpoint:
                    corpus=d["corpus"], optimizer=d["optimizer"], scaler=d["scaler"],
                    progress=Progress(**d["progress"]), plan=BudgetState(**d["plan"]), hidden=d["hidden"],
                    ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]),
-                   # Optional groups: runs set by hand have no plan, runs without --ema no live weights.
-                   planner=d.get("planner"), live=d.get("live"))
+                   init=d["init"], planner=d["planner"], live=d["live"])
 
 
 def serialize(ck: Checkpoint) -> bytes:
@@ -222,6 +226,9 @@ def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
     """Bring an older format up to `VERSION`, one version at a time."""
     if obj["version"] == 1:
         obj = _v1_to_v2(obj)
+    if obj["version"] == 2:
+        # 3 added three groups; runs before it started from scratch, unplanned, without --ema.
+        obj = {**obj, "version": 3, "init": {}, "planner": None, "live": None}
     return obj
 
 

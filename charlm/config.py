@@ -27,12 +27,18 @@ from charlm.options import coerce, opt, validate
 CELLS = ("lstm", "gru", "rnn")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RECORD_MODES = ("lines", "blank-lines")  # --records: one record per line, or per paragraph
 DEFAULT_MAX_STEPS = 2000  # a run's length when neither --max-steps nor --time is given
 
 
 def _check_duration(text: str) -> None:
     if text:
         parse_duration(text)
+
+
+def _check_records(mode: str) -> None:
+    if mode not in ("", *RECORD_MODES):
+        raise CharLMError(f"{mode!r} is not one of {', '.join(RECORD_MODES)} (or empty: one stream of text)")
 
 
 @dataclass
@@ -72,6 +78,12 @@ class TrainConfig:
     # most of all when the run sees its text many times (see benchmarks/RESULTS.md).
     ema: float = opt(0.0, "Keep an exponential moving average of the weights with this decay (0: off); "
                      "evaluation, best.pt and sampling use the average.", at_least=0.0, below=1.0)
+    # Records and fine-tuning (charlm.records, charlm.finetune). A planner may fill the rest
+    # of the config (lr, regularization) from these before the run starts.
+    records: str = opt("", "Train on records: lines (one per line) or blank-lines (paragraphs); each "
+                       "starts from a fresh state (empty: one stream of text).", check=_check_records)
+    init_from: str = opt("", "Start from this checkpoint's weights (fine-tuning: a new run, its model "
+                         "shape from the checkpoint, vocabularies merged by character).")
 
 
 @dataclass
@@ -169,9 +181,14 @@ def section_of(key: str) -> str:
     raise CharLMError(f"{key}: not a setting")
 
 
-def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
-    """Resolve defaults < config file < flags (`None` flags are unset) and validate."""
+def build_config(config_file: Path | None, flags: dict[str, Any],
+                 defaults: dict[str, Any] | None = None) -> RunConfig:
+    """Resolve defaults < config file < flags (`None` flags are unset) and validate.
+    `defaults` ({section: {key: value}}) replace built-in defaults: e.g. the model shape of
+    an --init-from checkpoint."""
     cfg = RunConfig()
+    if defaults:
+        apply_overrides(cfg, defaults, "defaults")
     if config_file is not None:
         apply_overrides(cfg, load_toml(config_file), str(config_file))
     nested: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}

@@ -12,26 +12,50 @@ and the hidden state can be carried across batches:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 
 from charlm.errors import CharLMError
 
-Ids = Union[np.ndarray, torch.Tensor]  # a memory-mapped corpus, or any 1-D id tensor
+
+class Translated:
+    """Corpus ids read through a table (corpus id -> model id), a window at a time: a corpus
+    whose model has a larger vocabulary (fine-tuning merges vocabularies) trains from its
+    cached ids as they are, with no translated copy of the corpus. Slices stay views."""
+
+    def __init__(self, ids: np.ndarray, table: np.ndarray) -> None:
+        self.ids = ids
+        self.table = table.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return Translated(self.ids[index], self.table)
+        return self.table[np.asarray(self.ids[index])]
+
+    def tolist(self) -> list[int]:
+        return self.table[np.asarray(self.ids)].tolist()
+
+
+Array = Union[np.ndarray, Translated]  # a memory-mapped corpus, maybe read through a table
+Ids = Union[Array, torch.Tensor]  # ... or any 1-D id tensor
 
 
 @dataclass
 class Split:
     """Encoded corpus cut into the training part and the held-out tail (views, not copies)."""
 
-    train: np.ndarray  # (N_train,) small-int ids
-    val: np.ndarray  # (N_val,) the last `val_fraction` of the corpus
+    train: Array  # (N_train,) small-int ids
+    val: Array  # (N_val,) the last `val_fraction` of the corpus
 
 
-def as_array(ids: Ids) -> np.ndarray:
-    """A 1-D numpy view of `ids` (a memmap stays a memmap; a tensor is shared, not copied)."""
+def as_array(ids: Ids) -> Array:
+    """A 1-D numpy view of `ids` (a memmap stays a memmap; a tensor is shared, not copied; a
+    `Translated` view stays one)."""
     if isinstance(ids, torch.Tensor):
         return ids.detach().cpu().numpy()
     return ids

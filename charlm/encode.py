@@ -102,7 +102,8 @@ def reopen_corpus(desc: dict[str, Any], checkpoint: Path, vocab: str, *,
     else:
         corpus = _encode(docs, list(desc["specs"]), desc.get("encoding") or None,
                          progress or _no_progress, folder, expect=(desc["sha256"], checkpoint))
-    if corpus.vocab.chars != vocab:
+    # The checkpoint's may be larger (record markers, a fine-tuned run's merged vocabulary).
+    if not set(corpus.vocab.chars) <= set(vocab):
         raise CharLMError(f"{checkpoint}: the corpus's vocabulary differs from the checkpoint's")
     return corpus
 

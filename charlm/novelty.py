@@ -56,6 +56,11 @@ def training_corpus(model: CharLM) -> tuple[EncodedCorpus, int]:
     from charlm.data import split
 
     corpus = model.run_corpus()
+    if model.config.train.records:  # the training records: up to where the last of them ends
+        from charlm.records import record_set
+
+        records = record_set(corpus.ids, corpus.vocab, model.vocab, model.config.train.records)
+        return corpus, records.split(model.config.train.val_fraction).train.end_offset()
     return corpus, len(split(corpus.ids, model.config.train.val_fraction).train)
 
 

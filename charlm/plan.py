@@ -18,6 +18,9 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
   (`ema_for`): it scores better than the live weights in every panel cell;
 - learning rate: the defaults' rate at width 256, scaled by (256 / width) ** 0.5;
+- fine-tuning (`--init-from`): the shape is the base model's, the learning rate a tenth;
+- `--patience`: a run that will read its text more than `MAX_PASSES` times (or fine-tunes)
+  stops once held-out bpc has not improved for `PATIENCE` evaluations;
 - the batch layout: 32 streams x 32 characters on a CPU, where small batches train as fast
   per character as big ones and give more updates; on a GPU, which needs big batches to be
   fast, 128 x 128.
@@ -30,7 +33,6 @@ or --config) is kept; the planner fills in the rest.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +48,8 @@ FEWEST_STEPS = 1000  # ... as long as it still takes this many
 DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / MAX_PASSES) beyond it ...
 MIN_DROPOUT, MAX_DROPOUT = 0.05, 0.4  # ... from this (less is not worth what it costs) up to this
 BASE_LR, BASE_WIDTH = 1e-2, 256
+FINETUNE_LR_SCALE = 0.1  # fine-tuning: a tenth of the from-scratch rate (benchmarks/finetune.py)
+PATIENCE = 5  # evaluations without a better held-out bpc before a run that overfits stops
 EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
 PROBE_STEPS = 5  # timed steps per shape the probe measures (after three warm-up steps)
 FIELDS = ("hidden_size", "num_layers", "embedding_size", "dropout", "batch_size", "seq_len", "lr")
@@ -134,7 +138,7 @@ def lr_for(width: int) -> float:
 
 def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: int,
               time_cap: float | None, max_steps: int | None, speed: Callable[[Shape], float],
-              device_type: str) -> Plan:
+              device_type: str, fine_tuning: bool = False) -> Plan:
     """Choose the fields of `cfg` not in `explicit` for a budget of `time_cap` seconds or
     `max_steps` steps (neither: the default step count), with `speed(shape)` the chars/s of a
     shape on this machine (only asked when there is a time budget)."""
@@ -177,7 +181,11 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
             cps, chars = chars_of(chosen)
             passes = chars / max(1, train_chars)
     if "lr" not in explicit:
-        settings["lr"] = lr_for(chosen.hidden_size)
+        # A trained model fine-tuned at a from-scratch rate forgets what it knew.
+        settings["lr"] = round(lr_for(chosen.hidden_size) * (FINETUNE_LR_SCALE if fine_tuning else 1), 6)
+    if "patience" not in explicit and (fine_tuning or passes > MAX_PASSES):
+        # The text will be read more often than it pays: stop once held-out bpc stops improving.
+        settings["patience"] = PATIENCE
     if "ema" not in explicit:
         settings["ema"] = ema_for(chars / (chosen.batch_size * chosen.seq_len), passes)
     why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
@@ -211,49 +219,6 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
 
 def _name(shape: Shape) -> str:
     return f"{shape.num_layers}x{shape.hidden_size} d{shape.dropout:g} b{shape.batch_size}x{shape.seq_len}"
-
-
-# --- measuring speed ------------------------------------------------------------------------
-
-
-def step_seconds(shape: Shape, vocab_size: int, steps: int, device: Any, precision: str = "auto",
-                 clock: Callable[[], float] = time.process_time, cfg: RunConfig | None = None) -> float:
-    """Seconds a training step of `shape` takes: the median over `steps` steps of the trainer's
-    own step (after three warm-up steps), on random characters (speed does not depend on the
-    text). `cfg` gives the rest of the recipe (the weight average costs a little too)."""
-    import tempfile
-
-    import numpy as np
-    import torch
-
-    from charlm.budget import BudgetState, TimeBudget
-    from charlm.rundir import RunDir
-    from charlm.train import Trainer
-    from charlm.vocab import Vocab
-
-    base = (cfg or RunConfig()).to_dict()
-    trial = RunConfig.from_dict(apply_plan(base, {**shape.settings(), "precision": precision}))
-    chars = max(4 * shape.batch_size * (shape.seq_len + 1) * (steps + 3), 10_000)
-    ids = np.random.default_rng(0).integers(0, vocab_size, chars, dtype=np.int64).astype(np.uint32)
-    vocab = Vocab("".join(chr(0x100 + i) for i in range(vocab_size)))
-    rng, py_rng = torch.get_rng_state(), random.getstate()
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(trial, vocab, ids, {}, RunDir(tmp), device)
-        budget = TimeBudget(BudgetState(), None, steps + 3, 10**9, lambda sps: 0.0, clock)
-        budget.begin()
-        times = []
-        for _ in range(steps + 3):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = clock()
-            trainer._step(budget, t0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(clock() - t0)
-    # The trainer seeded the global RNGs: leave them as they were.
-    torch.set_rng_state(rng)
-    random.setstate(py_rng)
-    return float(np.median(times[3:]))
 
 
 def apply_plan(config: dict[str, dict[str, Any]], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:

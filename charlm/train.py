@@ -39,18 +39,20 @@ from charlm.checkpoint import (
     weights_digest,
 )
 from charlm.config import RunConfig
-from charlm.data import Ids, StreamBatcher, split
+from charlm.data import Ids, Split, StreamBatcher, split
 from charlm.device import autocast_dtype, resolve_precision
 from charlm.distributed import Dist
 from charlm.errors import Diverged, TrainingInterrupted, WriteFailed
 from charlm.evaluate import LN2, evaluate
 from charlm.events import Callbacks, EvalRecord, StepStats, TrainResult
 from charlm.model import CharRNN, State, detach_state, state_from_list, state_to_list
+from charlm.preview import previews
+from charlm.record_batch import RecordBatcher, evaluate_records, record_loss
+from charlm.records import RecordSet, RecordSplit
 from charlm.rundir import RunDir
 from charlm.schedule import lr_at
 from charlm.vocab import Vocab
 
-PREVIEW_TEMPERATURES = (0.2, 0.5, 1.0)
 RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
 
 # Returns the number of a signal that asks training to stop (SIGINT, SIGTERM), or 0.
@@ -60,17 +62,24 @@ PendingSignal = Callable[[], int]
 class Trainer:
     """One run in one process: model, optimizer, data stream and the state a checkpoint holds."""
 
-    def __init__(self, cfg: RunConfig, vocab: Vocab, ids: Ids, corpus: dict[str, Any], run_dir: RunDir,
+    def __init__(self, cfg: RunConfig, vocab: Vocab, ids: Ids | RecordSet, corpus: dict[str, Any], run_dir: RunDir,
                  device: torch.device, dist: Dist | None = None) -> None:
         self.cfg, self.vocab, self.corpus, self.run_dir, self.device = cfg, vocab, corpus, run_dir, device
         self.dist = d = dist or Dist()
         tc = cfg.train
         self.precision = resolve_precision(cfg.session.precision, device)
-        self.split = split(ids, tc.val_fraction)
         # --batch-size streams per process: the text is cut into batch_size x world_size
         # streams, and each rank trains on its own block of them.
         mine = range(d.rank * tc.batch_size, (d.rank + 1) * tc.batch_size)
-        self.batcher = StreamBatcher(self.split.train, tc.batch_size * d.world_size, tc.seq_len, device, rows=mine)
+        self.batcher: StreamBatcher | RecordBatcher
+        if isinstance(ids, RecordSet):  # records mode: rows of whole records (charlm.record_batch)
+            self.split: Split | RecordSplit = ids.split(tc.val_fraction)
+            self.batcher = RecordBatcher(self.split.train, tc.batch_size * d.world_size, tc.seq_len, device,
+                                         rows=mine)
+        else:
+            self.split = split(ids, tc.val_fraction)
+            self.batcher = StreamBatcher(self.split.train, tc.batch_size * d.world_size, tc.seq_len, device,
+                                         rows=mine)
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = CharRNN(cfg.model, len(vocab)).to(device)
@@ -105,6 +114,7 @@ class Trainer:
         self.hidden: State | None = None  # carried from batch to batch
         self.last_eval_step = -1
         self.planner: dict[str, Any] | None = None  # what the planner chose, kept in checkpoints
+        self.init: dict[str, Any] = {}  # where a fine-tuned run started (charlm.finetune)
         # The checkpoint to continue from should this session fail (None: nothing saved yet).
         self.last_saved: tuple[Path, int] | None = None
 
@@ -128,7 +138,8 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
             progress=progress, plan=self.plan, hidden=all_hidden, ranks=ranks,
-            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)), planner=self.planner)
+            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)), init=self.init,
+            planner=self.planner)
 
     def load(self, ck: Checkpoint, path: Path | None = None) -> None:
         """Continue from `ck` (this rank's share of it), read from `path`."""
@@ -143,6 +154,7 @@ class Trainer:
         self.progress = Progress(**ck.progress.__dict__)
         self.plan = BudgetState(**ck.plan.__dict__)
         self.planner = ck.planner
+        self.init = dict(ck.init)
         self.batcher.load_state_dict(ck.progress.data)
         d = self.dist
         # This rank's rows of the run's hidden state (all of it in a single process).
@@ -157,6 +169,12 @@ class Trainer:
         else:  # a run resumed in more processes than it had: fresh, distinct dropout streams
             self.progress.loss_window = [0.0, 0]
             torch.manual_seed(self.cfg.train.seed + RANK_SEED_STRIDE * d.rank + self.progress.step)
+
+    def release(self) -> None:
+        """Drop the DistributedDataParallel wrapper now: it must go before the process group
+        does (a DDP reducer destroyed after it, at interpreter exit, can abort a torchrun
+        worker with SIGABRT instead of letting it exit)."""
+        self.net = self.model
 
     @property
     def best_model(self) -> CharRNN:
@@ -268,16 +286,11 @@ class Trainer:
     def _step(self, budget: TimeBudget, started: float) -> StepStats:
         """One optimizer step on the next batch."""
         p, tc, clock = self.progress, self.cfg.train, budget.clock
-        x, y, reset = self.batcher.next()  # (B, T) each
-        if reset or self.hidden is None:
-            self.hidden = self.model.init_state(x.shape[0], self.device)
         lr = lr_at(p.step, budget.total_steps, tc)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = clock()
-        with self.autocast():
-            logits, hidden = self.net(x, self.hidden)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss, hidden, batch_chars = self._forward()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -292,7 +305,8 @@ class Trainer:
         # Keep the values (context) but cut the graph: truncated BPTT over seq_len steps.
         self.hidden = detach_state(hidden)
         dt = clock() - t0
-        chars = x.numel() * self.dist.world_size
+        # Records batches vary: each process counts its own (an estimate under torchrun).
+        chars = batch_chars * self.dist.world_size
         p.step += 1
         p.chars_seen += chars
         p.loss_window = [p.loss_window[0] + bpc, p.loss_window[1] + 1]
@@ -314,6 +328,23 @@ class Trainer:
             what = divergence.describe(code, bpc, limit)
             raise Diverged(divergence.message(step, what, self.cfg.train.lr, self.last_good()), step)
 
+    def _forward(self) -> tuple[torch.Tensor, State, int]:
+        """The next batch's mean loss (nats), the state it leaves, and its characters."""
+        if isinstance(self.batcher, RecordBatcher):
+            batch = self.batcher.next()
+            if self.hidden is None:
+                self.hidden = self.model.init_state(len(self.batcher.starts), self.device)
+            with self.autocast():
+                loss, hidden = record_loss(self.net, batch, self.hidden)
+            return loss, hidden, batch.chars
+        x, y, reset = self.batcher.next()  # (B, T) each
+        if reset or self.hidden is None:
+            self.hidden = self.model.init_state(x.shape[0], self.device)
+        with self.autocast():
+            logits, hidden = self.net(x, self.hidden)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return loss, hidden, x.numel()
+
     def _evaluate_and_save(self, budget: TimeBudget, callbacks: Callbacks) -> list[Path]:
         """Score the held-out text, save the checkpoints, log a metrics line, show previews."""
         p, d = self.progress, self.dist
@@ -321,7 +352,9 @@ class Trainer:
         windows = d.gather(p.loss_window) or []
         val_bpc = 0.0
         if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
-            val_bpc, _ = evaluate(self.best_model, self.split.val, self.device, max_chars=self.cfg.train.eval_chars)
+            val, most = self.split.val, self.cfg.train.eval_chars
+            score = evaluate_records if isinstance(val, RecordSet) else evaluate
+            val_bpc, _ = score(self.best_model, val, self.device, max_chars=most)  # type: ignore[arg-type]
         val_bpc = d.broadcast(val_bpc)
         if not math.isfinite(val_bpc):
             raise Diverged(divergence.message(p.step, "the validation loss is not a number", self.cfg.train.lr,
@@ -357,14 +390,10 @@ class Trainer:
                               f"saved: free some space, then `charlm resume {self.run_dir.latest}`", exc.path) from None
 
     def previews(self) -> list[tuple[float, str]]:
-        """Short samples at a few temperatures; their own RNG leaves training untouched."""
+        """Short samples at a few temperatures (`charlm.preview`), none when turned off."""
         n = self.cfg.session.preview_length
         if n <= 0:
             return []
-        from charlm.sample import SampleOptions, Sampler
-
-        sampler = Sampler(self.best_model, self.vocab, self.device)
-        out = [(t, "".join(sampler.generate(SampleOptions(length=n, temperature=t, seed=self.progress.step))))
-               for t in PREVIEW_TEMPERATURES]
+        out = previews(self.best_model, self.vocab, self.device, n, self.progress.step, self.cfg.train.records)
         self.model.train()
         return out

@@ -68,7 +68,9 @@ def test_every_field_of_format_1_lands_in_its_group(v1: Path):
     moved = {**ck.config.train.__dict__, **ck.config.session.__dict__}
     later = {k: v for k, v in moved.items() if k not in old["config"]["train"]}
     assert {k: v for k, v in moved.items() if k not in later} == old["config"]["train"]
-    assert later == {"ema": 0.0, "patience": 0}
+    # Settings added since take their defaults: a plain run from scratch, as format-1 runs were.
+    assert later == {"ema": 0.0, "patience": 0, "records": "", "init_from": ""}
+    assert ck.init == {} and ck.planner is None and ck.live is None
     p = ck.progress
     assert (p.step, p.chars_seen, p.elapsed, p.best_val_bpc, p.last_val_bpc) == (
         old["step"], old["chars_seen"], old["elapsed"], old["best_val_bpc"], old["last_val_bpc"])

@@ -80,10 +80,11 @@ def _plain(value: Any, where: str = "checkpoint") -> None:
 def test_checkpoints_load_with_weights_only_and_hold_plain_values(trained_run, name):
     ck = torch.load(trained_run / name, map_location="cpu", weights_only=True)
     _plain(ck)
-    assert ck["format"] == "charlm" and ck["version"] == 2
+    assert ck["format"] == "charlm" and ck["version"] == 3
     assert set(ck) == {"format", "version", "model", "config", "vocab", "corpus", "optimizer", "scaler",
-                       "progress", "plan", "hidden", "ranks", "trained_on", "planner", "live"}
-    assert ck["planner"] is None and ck["live"] is None  # TINY: no planner, no weight average
+                       "progress", "plan", "hidden", "ranks", "trained_on", "init", "planner", "live"}
+    # TINY: trained from scratch, no planner, no weight average.
+    assert ck["init"] == {} and ck["planner"] is None and ck["live"] is None
     assert set(ck["progress"]) == {"step", "chars_seen", "elapsed", "best_val_bpc", "last_val_bpc",
                                    "loss_window", "data", "since_best"}
     assert set(ck["ranks"][0]["rng"]) == {"torch", "python"}
@@ -326,7 +327,7 @@ def test_info_json(runner, trained_run):
     assert data["step"] == RUN_STEPS and data["total_steps"] == RUN_STEPS
     assert data["chars_seen"] == RUN_STEPS * CHARS_PER_STEP
     assert data["vocab_size"] == vocab and data["parameters"] == expected_params
-    assert data["format_version"] == 2 and data["device_trained"] == "cpu"
+    assert data["format_version"] == 3 and data["device_trained"] == "cpu"
     assert data["best_val_bpc"] <= data["last_val_bpc"]
     assert data["corpus"]["documents"] == 1 and data["corpus"]["chars"] == len(TEXT)
     assert len(data["corpus"]["sha256"]) == 64

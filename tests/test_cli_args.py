@@ -101,6 +101,7 @@ def test_sample_builds_its_options_from_the_flags(runner, monkeypatch, tmp_path)
 
             self.vocab = Vocab("abc")
             self.sampler = self
+            self.records = ""  # a model of a stream of text
 
         def prime_ids(self, prime: str, unknown: str) -> list[int]:
             return [0] * len(prime)

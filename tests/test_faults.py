@@ -42,7 +42,7 @@ from conftest import (
     tiny_flags,
 )
 
-from charlm import checkpoint, diskspace, divergence, encode, memory, plot, rundir, session, train
+from charlm import checkpoint, diskspace, divergence, encode, memory, plot, probe, rundir, session, train
 from charlm.cli import app
 from charlm.errors import CharLMError, Diverged
 from charlm.events import Callbacks
@@ -537,7 +537,7 @@ def test_an_impossible_batch_is_refused_before_any_allocation(runner, corpus_fil
         raise AssertionError("a model was built (the trainer's, or one the planner's probe times)")
 
     monkeypatch.setattr(session, "Trainer", allocates)
-    monkeypatch.setattr(session, "step_seconds", allocates)
+    monkeypatch.setattr(probe, "step_seconds", allocates)
     flags = [*tiny_flags(), "--no-preview", "--quiet"] if planner else TINY
     line = one_line_error(runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "run"),
                                               *flags, *IMPOSSIBLE]),

@@ -13,7 +13,6 @@ import inspect
 import os
 import signal
 import sys
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -64,20 +63,16 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 warnings.simplefilter("always", CharLMWarning)
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
-        except PeerFailed as exc:
-            _let_go(exc)
+        except PeerFailed:
             raise typer.Exit(2) from None  # the process that failed printed the error
         except CharLMError as exc:
-            _let_go(exc)
             err(f"charlm: error: {exc}")
             raise typer.Exit(2) from None
         except Diverged as exc:
-            _let_go(exc)
             if _rank() == 0:  # every process stops at the same step; one of them says so
                 err(f"charlm: error: {exc}")
             raise typer.Exit(DIVERGED_EXIT) from None
         except TrainingInterrupted as exc:
-            _let_go(exc)
             if _rank() == 0:  # one report for all processes: rank 0 saved the checkpoint
                 name = signal.Signals(exc.signum).name
                 err(f"charlm: {name} at step {exc.step}: saved {exc.checkpoint}")
@@ -93,14 +88,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(0) from None
 
     return wrapper
-
-
-def _let_go(exc: BaseException) -> None:
-    """Free what the failed command's frames hold (a trainer, its DDP wrapper) now, not at
-    interpreter exit: the exit code chain keeps `exc` alive, and a DDP reducer destroyed
-    during finalization can abort a torchrun worker ("terminate called without an active
-    exception", SIGABRT) instead of letting it exit with its code."""
-    traceback.clear_frames(exc.__traceback__)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -68,10 +68,17 @@ def sample(
     for t in temps:
         if len(temps) > 1:
             out.write(f"=== temperature {t:g} ===\n")
-        texts = _write_samples(out, model.stream_batch(replace(opts, temperature=t)), opts.num_samples, shown_prime)
+        steps = model.stream_batch(replace(opts, temperature=t))
+        if model.records:
+            texts = _write_records(out, steps, opts.num_samples, shown_prime, model.records)
+        else:
+            texts = _write_samples(out, steps, opts.num_samples, shown_prime)
         samples.extend((t, text) for text in texts)
     out.flush()
-    _sample_report(index, shown_prime, samples, as_json)
+    if model.records:  # a record is checked whole: the prime starts it
+        _records_report(index, model.vocab.decode(ids), shown_prime, samples, as_json, model.records)
+    else:
+        _sample_report(index, shown_prime, samples, as_json)
 
 
 def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
@@ -93,6 +100,27 @@ def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
         out.write(f"--- sample {row}/{n} ---\n{prime}{''.join(parts)}\n")
     out.flush()
     return ["".join(parts) for parts in rows]
+
+
+def _write_records(out: Any, steps: Any, n: int, prime: str, mode: str) -> list[str]:
+    """Records as the corpus writes them (one per line, or paragraphs between blank lines),
+    record 1 streamed live. Returns the generated text of each (prime excluded)."""
+    from charlm.records import SEPARATORS
+
+    rows: list[list[str]] = [[] for _ in range(n)]
+    out.write(prime)
+    out.flush()
+    for chars in steps:
+        if chars[0]:
+            out.write(chars[0])
+            out.flush()
+        for row in range(n):
+            rows[row].append(chars[row])
+    texts = ["".join(parts) for parts in rows]
+    between = SEPARATORS[mode][1:]  # a blank line between paragraphs
+    out.write("\n" + "".join(f"{between}{prime}{text}\n" for text in texts[1:]))
+    out.flush()
+    return texts
 
 
 # --- novelty ----------------------------------------------------------------------------------
@@ -120,6 +148,28 @@ def _sample_report(index: Any, prime: str, samples: list[tuple[float, str]], as_
         err(format_report(report))
 
 
+def _records_report(index: Any, prime: str, shown_prime: str, samples: list[tuple[float, str]], as_json: bool,
+                    mode: str) -> None:
+    """`_sample_report` for a records model: every record is checked whole (prime included),
+    and the report says how many are exact training records."""
+    from charlm.novelty import format_report, novelty_report, record_report
+    from charlm.records import SEPARATORS
+
+    records = [prime + text for _, text in samples]
+    report = None
+    if index is not None:
+        report = novelty_report(index, records)
+        report["records"] = record_report(index, records, SEPARATORS[mode])
+    if as_json:
+        data: dict[str, Any] = {"prime": shown_prime,
+                                "samples": [{"temperature": t, "text": text} for t, text in samples]}
+        if report is not None:
+            data["novelty"] = report
+        print(json.dumps(data, ensure_ascii=False))
+    elif report is not None:
+        err(format_report(report))
+
+
 @app.command("novelty")
 @handle_errors
 def novelty_cmd(
@@ -132,7 +182,19 @@ def novelty_cmd(
     from charlm.novelty import format_report, novelty_report, read_text_file
 
     text = read_text_file(file)
-    report = novelty_report(_novelty_index(load(checkpoint)), [text])
+    model = load(checkpoint)
+    if model.records:  # FILE holds records: checked one by one, and as whole records
+        from charlm.novelty import record_report
+        from charlm.records import SEPARATORS, split_text
+
+        records = split_text(text, model.records)
+        if not records:
+            raise CharLMError(f"{file}: holds no records (only blank lines)")
+        index = _novelty_index(model)
+        report = novelty_report(index, records)
+        report["records"] = record_report(index, records, SEPARATORS[model.records])
+    else:
+        report = novelty_report(_novelty_index(model), [text])
     print(json.dumps(report, ensure_ascii=False) if as_json else format_report(report))
 
 

@@ -77,6 +77,12 @@ def info(
             ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
             ("corpus sha256", str(c["sha256"])),
             ("plan", data["plan"] or "- (settings as given)")]
+    if data.get("init_from"):
+        from charlm.finetune import describe
+
+        init = data["init_from"]
+        rows += [("initialised from", describe(init)),
+                 ("its corpus sha256", str(init["corpus"]["sha256"]))]
     for section, values in data["config"].items():
         rows.extend((f"{section}.{k}", str(v)) for k, v in values.items())
     print(_table(rows))

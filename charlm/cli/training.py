@@ -82,6 +82,10 @@ def train(
     if no_preview:
         settings["preview_length"] = 0
     cfg = build_config(config, settings)
+    if cfg.train.init_from:  # fine-tuning: the model's settings default to the checkpoint's
+        from charlm.finetune import base_defaults
+
+        cfg = build_config(config, settings, defaults=base_defaults(cfg.train.init_from))
     explicit = explicit_settings(config, settings) if planner else None
     if plan:
         if explicit is None:
