@@ -23,6 +23,8 @@ from charlm.config import build_config
 from charlm.encode import encode_corpus
 from charlm.evaluate import evaluate
 from charlm.events import Callbacks
+from charlm.model import CharRNN
+from charlm.records import RecordSet
 from charlm.rundir import RunDir
 from charlm.train import Trainer
 
@@ -50,8 +52,11 @@ def main() -> None:
         tail_start = int(args.steps * TAIL)
         scores: dict[str, list[float]] = {"live": [], **{f"ema{d}": [] for d in DECAYS}, "tail_mean": []}
 
-        def score(model: torch.nn.Module) -> float:
-            return evaluate(model, trainer.split.val, trainer.device, max_chars=cfg.train.eval_chars)[0]
+        val = trainer.split.val
+        assert not isinstance(val, RecordSet)  # a stream corpus: averaging.py trains no records
+
+        def score(model: CharRNN) -> float:
+            return evaluate(model, val, trainer.device, max_chars=cfg.train.eval_chars)[0]
 
         class Average(Callbacks):
             def on_step(self, stats: Any) -> None:

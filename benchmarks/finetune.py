@@ -144,8 +144,8 @@ def main() -> None:
             settings = ", ".join(f"{k}={v}" for k, v in r.items()
                                  if k not in ("run", "time", "max_steps", "steps", "train_s", "wall_s", "val_bpc",
                                               "test_bpc", "test_chars", "skipped")) or "defaults"
-            budget = r.get("time") or f"{r['max_steps']} steps"
-            print(f"| {r['run']} | {budget} | {settings} | {r['steps']:,} | {r['train_s']:.0f} s | "
+            spent = r.get("time") or f"{r['max_steps']} steps"
+            print(f"| {r['run']} | {spent} | {settings} | {r['steps']:,} | {r['train_s']:.0f} s | "
                   f"{r['test_bpc']:.4f} |")
 
 

@@ -42,7 +42,8 @@ def device_info() -> dict[str, Any]:
 def speeds(vocab: int) -> None:
     import torch
 
-    from charlm.plan import WIDTHS, Shape, step_seconds
+    from charlm.plan import WIDTHS, Shape
+    from charlm.probe import step_seconds
 
     device = torch.device("cuda")
     for precision in ("bf16", "fp32"):

@@ -72,10 +72,13 @@ def peak_rss_mb() -> float:
 
 
 def source_text() -> tuple[str, str]:
+    from charlm.corpus import iter_text, resolve_all
+    from charlm.errors import CharLMError
+
     try:
-        from charlm.corpus import load_corpus
-        return load_corpus(["nltk:state_union"]).text, "nltk:state_union"
-    except Exception:  # NLTK or its data missing: the repository's own text
+        _, docs = resolve_all(["nltk:state_union"])
+        return "\n\n".join("".join(iter_text(d, None)) for d in docs), "nltk:state_union"
+    except CharLMError:  # NLTK's data missing: the repository's own text
         files = [REPO / "README.md", *sorted(REPO.glob("*/*.py"))]
         return "\n\n".join(p.read_text(encoding="utf-8") for p in files), "repository files"
 
@@ -175,7 +178,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             same = bool(np.array_equal(sa, index.sa[:m])) if m == n else None
             if m < n:  # compare with libdivsufsort on the same prefix
-                from charlm.novelty import suffix_array
+                from charlm.suffix import suffix_array
                 t1 = time.perf_counter()
                 ref = suffix_array(np.asarray(corpus.ids[:m]))
                 ref_s = time.perf_counter() - t1
