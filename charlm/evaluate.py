@@ -35,7 +35,8 @@ def eval_rows(n: int, max_chars: int | None = None, max_streams: int = 16,
 @torch.inference_mode()
 def evaluate(model: CharRNN, ids: Ids, device: torch.device, chunk: int = 1024,
              max_chars: int | None = None) -> tuple[float, int]:
-    """Bits per character of `ids` (fp32, dropout off) and how many characters were scored;
+    """Bits per character of `ids` (dropout off; fp32, or the precision of an enclosing
+    `torch.autocast`, with the loss summed in fp64) and how many characters were scored;
     `max_chars` caps the characters scored (rows spread over all of `ids`)."""
     ids = as_array(ids)
     starts, length = eval_rows(len(ids), max_chars)

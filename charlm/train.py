@@ -354,7 +354,10 @@ class Trainer:
         if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
             val, most = self.split.val, self.cfg.train.eval_chars
             score = evaluate_records if isinstance(val, RecordSet) else evaluate
-            val_bpc, _ = score(self.best_model, val, self.device, max_chars=most)  # type: ignore[arg-type]
+            # In the run's precision: on a CPU with AMX, bf16 scores 3-4x faster than fp32 (the
+            # evaluations took a fifth of a 4-minute run) and within 2e-4 bpc of it.
+            with self.autocast():
+                val_bpc, _ = score(self.best_model, val, self.device, max_chars=most)  # type: ignore[arg-type]
         val_bpc = d.broadcast(val_bpc)
         if not math.isfinite(val_bpc):
             raise Diverged(divergence.message(p.step, "the validation loss is not a number", self.cfg.train.lr,

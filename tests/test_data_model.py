@@ -230,3 +230,26 @@ def test_other_cells_train_and_sample_through_cli(cell, runner, corpus_file, tmp
                               "--seed", "1"])
     assert res.exit_code == 0, res.output
     assert len(res.stdout) == 31 and res.stdout.endswith("\n")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_scores_held_out_text_in_its_own_precision(precision, runner, corpus_file, tmp_path, monkeypatch):
+    from charlm import evaluate as evaluate_module
+    from charlm import train
+
+    seen: list[torch.dtype | None] = []
+
+    def watched(*args, **kwargs):
+        on = torch.is_autocast_enabled("cpu")
+        seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        return evaluate_module.evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", watched)
+    res = runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "run"), "--max-steps", "10",
+                              "--device", "cpu", "--precision", precision, *TINY])
+    assert res.exit_code == 0, res.output
+    assert seen == [None if precision == "fp32" else torch.bfloat16]
+    # `charlm eval` scores in fp32, a hair from the bf16 score training recorded.
+    info = json.loads(runner.invoke(app, ["eval", str(tmp_path / "run" / "best.pt"), "--json"]).stdout)
+    recorded = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_bpc"]
+    assert info["bpc"] == pytest.approx(recorded, abs=0 if precision == "fp32" else 0.02)

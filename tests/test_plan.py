@@ -108,8 +108,9 @@ def test_apply_plan_puts_each_setting_in_its_section():
 PLAN_FLAGS = tiny_flags()  # a tiny model the user chose; the planner fills dropout and lr
 
 
-def test_plan_prints_the_plan_and_trains_nothing(runner, corpus_file, tmp_path):
-    res = runner.invoke(app, ["train", str(corpus_file), "--plan", "--max-steps", "300", "--out",
+@pytest.mark.parametrize("flag", ["--plan", "--dry-run"])
+def test_plan_prints_the_plan_and_trains_nothing(runner, corpus_file, tmp_path, flag):
+    res = runner.invoke(app, ["train", str(corpus_file), flag, "--max-steps", "300", "--out",
                               str(tmp_path / "run"), *PLAN_FLAGS])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()

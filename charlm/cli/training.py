@@ -67,7 +67,8 @@ def train(
     encoding: EncodingOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a run.")] = False,
     plan: Annotated[bool, typer.Option(
-        "--plan", help="Print the plan (model and recipe for this corpus, budget and machine) and exit.")] = False,
+        "--plan", "--dry-run",
+        help="Print the plan (model and recipe for this corpus, budget and machine) and exit.")] = False,
     planner: Annotated[bool, typer.Option(
         "--planner/--no-planner", help="Let the planner choose every setting you do not set "
         "(--no-planner: the built-in defaults).")] = True,
