@@ -12,7 +12,7 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
   text at most `MAX_PASSES` times (a narrow network that reads a short text over and over
   learns less from it than a wider one that reads it fewer times), as long as that one still
   takes `FEWEST_STEPS`. On a big corpus the first decides (the budget is the limit), on a
-  small one the second (the text is);
+  small one the second (the text is). On a CPU no wider than 512 (`CPU_WIDTHS`);
 - dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
   more times) it grows with the logarithm of the excess (`dropout_for`);
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
@@ -41,7 +41,10 @@ from typing import Any
 from charlm.budget import steps_in
 from charlm.config import DEFAULT_MAX_STEPS, RunConfig
 
-WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
+WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the widths a GPU may get
+# On a CPU, at most 512: the widest the panel measured. A 2x1024 LSTM the planner chose for a
+# 30-minute run (lr 0.005, bf16) stalled at 2.2 bpc after 2,800 steps, where 2x384 reaches 1.6.
+CPU_WIDTHS = WIDTHS[:WIDTHS.index(512) + 1]
 MIN_STEPS = 4000  # a width is worth its size when its run takes at least this many steps ...
 MAX_PASSES = 5.0  # ... or when a narrower one would read the text more than this many times,
 FEWEST_STEPS = 1000  # ... as long as it still takes this many
@@ -165,7 +168,8 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
     why: list[str] = []
     chosen = base
     if time_cap is not None and "hidden_size" not in explicit:
-        chosen = _choose_width(base, train_chars, chars_of, why)
+        widths = WIDTHS if device_type == "cuda" else CPU_WIDTHS
+        chosen = _choose_width(base, train_chars, chars_of, why, widths)
     settings: dict[str, Any] = {}
     if chosen.hidden_size != cfg.model.hidden_size:
         settings["hidden_size"] = chosen.hidden_size
@@ -193,12 +197,12 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
 
 
 def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
-                  why: list[str]) -> Shape:
+                  why: list[str], widths: tuple[int, ...]) -> Shape:
     """The wider of: the widest width whose run takes MIN_STEPS steps, and the narrowest whose
     run reads the text at most MAX_PASSES times (narrow to wide; a wider width only takes
     fewer steps and reads the text fewer times, so the search stops once both are settled)."""
-    by_steps, by_passes, trainable = WIDTHS[0], None, WIDTHS[0]
-    for width in WIDTHS:
+    by_steps, by_passes, trainable = widths[0], None, widths[0]
+    for width in widths:
         shape = replace(base, hidden_size=width, dropout=0.0)
         chars = chars_of(shape)[1]
         steps, passes = chars / (shape.batch_size * shape.seq_len), chars / max(1, train_chars)
@@ -212,8 +216,9 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
         if by_passes is not None and steps < MIN_STEPS:
             break
     chosen = max(by_steps, by_passes or trainable)  # no width reads it few enough times: the widest
-    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps; {by_passes} units: the narrowest "
-               f"reading the text at most {MAX_PASSES:g} times")
+    few = (f"{by_passes} units: the narrowest" if by_passes else f"none up to {trainable} units is")
+    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps; {few} reading the text at most "
+               f"{MAX_PASSES:g} times")
     return replace(base, hidden_size=chosen)
 
 

@@ -13,7 +13,10 @@ and rank 0 alone reports and writes files. Bad input that one rank finds stops e
 
 from __future__ import annotations
 
+import gc
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +102,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
             budget = _budget(trainer, time_cap, cfg.session.max_steps or None, clock)
             return trainer.loop(budget, callbacks, pending_signal)
     finally:
-        if trainer is not None:
-            trainer.release()
+        _let_go(trainer, d)
         lock.release()
         d.close()
 
@@ -166,8 +168,7 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
                     callbacks.on_message(note)
                 return trainer.loop(budget, callbacks, pending_signal)
         finally:
-            if trainer is not None:
-                trainer.release()
+            _let_go(trainer, d)
             d.close()
     finally:
         lock.release()
@@ -247,3 +248,18 @@ def start_info(trainer: Trainer, resumed: bool) -> StartInfo:
                      val_chars=len(trainer.split.val), world_size=trainer.dist.world_size,
                      step=trainer.progress.step, total_steps=trainer.plan.total_steps, config=trainer.cfg,
                      corpus=trainer.corpus)
+
+
+def _let_go(trainer: Trainer | None, d: Dist) -> None:
+    """Free the DistributedDataParallel wrapper, and everything that still reaches it, before
+    the process group closes: a DDP reducer destroyed after it (at interpreter exit) aborts a
+    torchrun worker with SIGABRT instead of letting it exit with its code. A failed step's
+    locals (its loss, whose graph DDP hooked) live on in the traceback of the exception in
+    flight, so its frames are cleared too, and cycles collected."""
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+    if trainer is not None:
+        trainer.release()
+    if d.enabled:
+        gc.collect()

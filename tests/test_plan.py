@@ -16,7 +16,7 @@ from conftest import TINY, tiny_flags
 from charlm import checkpoint
 from charlm.cli import app
 from charlm.config import RunConfig, build_config
-from charlm.plan import WIDTHS, Shape, apply_plan, dropout_for, make_plan
+from charlm.plan import CPU_WIDTHS, WIDTHS, Shape, apply_plan, dropout_for, make_plan
 
 VOCAB = 90
 
@@ -43,8 +43,15 @@ def test_more_compute_buys_a_wider_model():
     assert plan(10_000_000, 240, scale=10).shape.hidden_size >= plan(10_000_000, 240).shape.hidden_size
 
 
+def test_a_cpu_gets_no_wider_model_than_the_panel_measured():
+    # Hours on a CPU: steps enough for any width; a GPU may go wider, a CPU stops at 512.
+    assert max(CPU_WIDTHS) == 512
+    assert plan(10_000_000, 36_000).shape.hidden_size == 512
+    assert plan(10_000_000, 36_000, device="cuda").shape.hidden_size > 512
+
+
 def test_more_text_for_the_same_budget_buys_a_narrower_model():
-    widths = [plan(chars, 1800).shape.hidden_size for chars in (10**5, 10**6, 10**7, 10**8, 10**9)]
+    widths = [plan(chars, 240).shape.hidden_size for chars in (10**5, 10**6, 10**7, 10**8, 10**9)]
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
 
 
@@ -60,9 +67,9 @@ def test_the_width_is_the_wider_of_the_steps_and_the_passes_rules():
         return steps, steps * 1024 / train_chars
 
     for train_chars, seconds in ((10**9, 240), (50_000, 240), (2_000_000, 1800), (300_000, 60)):
-        runs = {w: run(w, train_chars, seconds) for w in WIDTHS}
-        trainable = [w for w in WIDTHS if runs[w][0] >= FEWEST_STEPS]
-        by_steps = max([w for w in trainable if runs[w][0] >= MIN_STEPS], default=WIDTHS[0])
+        runs = {w: run(w, train_chars, seconds) for w in CPU_WIDTHS}
+        trainable = [w for w in CPU_WIDTHS if runs[w][0] >= FEWEST_STEPS]
+        by_steps = max([w for w in trainable if runs[w][0] >= MIN_STEPS], default=CPU_WIDTHS[0])
         by_passes = min([w for w in trainable if runs[w][1] <= MAX_PASSES], default=max(trainable))
         assert plan(train_chars, seconds).shape.hidden_size == max(by_steps, by_passes), (train_chars, seconds)
 
