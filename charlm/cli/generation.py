@@ -84,9 +84,19 @@ def sample(
 def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
     """Stream sample 1 live; later samples of the batch are printed after it, labelled.
     Returns the generated text of each sample (prime excluded)."""
-    rows: list[list[str]] = [[] for _ in range(n)]
     if n > 1:
         out.write(f"--- sample 1/{n} ---\n")
+    texts = _stream_first(out, steps, n, prime)
+    out.write("\n")
+    for row, text in enumerate(texts[1:], start=2):
+        out.write(f"--- sample {row}/{n} ---\n{prime}{text}\n")
+    out.flush()
+    return texts
+
+
+def _stream_first(out: Any, steps: Any, n: int, prime: str) -> list[str]:
+    """Write the prime and sample 1 as it is generated; collect all n samples' text."""
+    rows: list[list[str]] = [[] for _ in range(n)]
     out.write(prime)
     out.flush()
     for chars in steps:
@@ -95,10 +105,6 @@ def _write_samples(out: Any, steps: Any, n: int, prime: str) -> list[str]:
             out.flush()
         for row in range(n):
             rows[row].append(chars[row])
-    out.write("\n")
-    for row, parts in enumerate(rows[1:], start=2):
-        out.write(f"--- sample {row}/{n} ---\n{prime}{''.join(parts)}\n")
-    out.flush()
     return ["".join(parts) for parts in rows]
 
 
@@ -107,16 +113,7 @@ def _write_records(out: Any, steps: Any, n: int, prime: str, mode: str) -> list[
     record 1 streamed live. Returns the generated text of each (prime excluded)."""
     from charlm.records import SEPARATORS
 
-    rows: list[list[str]] = [[] for _ in range(n)]
-    out.write(prime)
-    out.flush()
-    for chars in steps:
-        if chars[0]:
-            out.write(chars[0])
-            out.flush()
-        for row in range(n):
-            rows[row].append(chars[row])
-    texts = ["".join(parts) for parts in rows]
+    texts = _stream_first(out, steps, n, prime)
     between = SEPARATORS[mode][1:]  # a blank line between paragraphs
     out.write("\n" + "".join(f"{between}{prime}{text}\n" for text in texts[1:]))
     out.flush()
