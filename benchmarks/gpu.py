@@ -2,6 +2,7 @@
 
     NLTK_DATA=../shared/data/nltk_data python benchmarks/gpu.py            # 1 and 4 minutes
     NLTK_DATA=../shared/data/nltk_data python benchmarks/gpu.py --budgets 1m --corpus notes.txt
+    python benchmarks/gpu.py --parts quality --budgets 4m --precisions bf16   # one slice of it
 
 1. The device: name, memory, PyTorch and CUDA versions, whether bf16 is supported.
 2. Speed: chars/s of a training step for the planner's candidate widths (2-layer LSTM,
@@ -54,7 +55,7 @@ def speeds(vocab: int) -> None:
                   "chars_per_s": round(shape.batch_size * shape.seq_len / sec)})
 
 
-def quality(corpus: list[str] | None, budget: str, precision: str) -> None:
+def quality(corpus: list[str] | None, budget: str, precision: str, seed: int | None = None) -> None:
     from charlm.config import build_config
     from charlm.events import Callbacks
     from charlm.rundir import RunDir
@@ -66,7 +67,9 @@ def quality(corpus: list[str] | None, budget: str, precision: str) -> None:
         def on_message(self, text: str) -> None:
             notes.append(text)
 
-    settings = {"time": budget, "precision": precision, "device": "cuda", "preview_length": 0}
+    settings: dict[str, Any] = {"time": budget, "precision": precision, "device": "cuda", "preview_length": 0}
+    if seed is not None:
+        settings["seed"] = seed
     cfg = build_config(None, settings)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -74,6 +77,7 @@ def quality(corpus: list[str] | None, budget: str, precision: str) -> None:
         wall = time.perf_counter() - t0
         rows = RunDir(Path(tmp) / "run").read_metrics()
     emit({"what": "quality", "corpus": corpus or ["nltk:state_union"], "budget": budget, "precision": precision,
+          "seed": cfg.train.seed,
           "plan": next((n for n in notes if n.startswith("plan:")), None), "steps": result.step,
           "chars_per_s": round(result.chars_seen / max(result.elapsed, 1e-9)),
           "best_val_bpc": round(min(r["val_bpc"] for r in rows), 4), "final_val_bpc": round(rows[-1]["val_bpc"], 4),
@@ -99,8 +103,14 @@ def sampling(corpus: list[str] | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="1m,4m")
+    ap.add_argument("--precisions", default="auto,bf16",
+                    help="auto is fp32 on CUDA; bf16 is measured beside it")
+    ap.add_argument("--seed", type=int, help="the runs' seed (default: charlm's)")
+    ap.add_argument("--parts", default="speed,quality,sample",
+                    help="which measurements, comma-separated (a device lease may not fit all in one call)")
     ap.add_argument("--corpus", action="append", help="CORPUS spec(s) (default: nltk:state_union)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     import torch
 
     if not torch.cuda.is_available():
@@ -108,11 +118,14 @@ def main() -> None:
               file=sys.stderr)
         sys.exit(2)
     emit({"what": "device", **device_info()})
-    speeds(96)
-    for budget in args.budgets.split(","):
-        for precision in ("bf16", "fp32"):
-            quality(args.corpus, budget, precision)
-    sampling(args.corpus)
+    if "speed" in parts:
+        speeds(96)
+    if "quality" in parts:
+        for budget in args.budgets.split(","):
+            for precision in args.precisions.split(","):
+                quality(args.corpus, budget, precision, args.seed)
+    if "sample" in parts:
+        sampling(args.corpus)
 
 
 if __name__ == "__main__":

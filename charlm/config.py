@@ -94,7 +94,7 @@ class SessionConfig:
                          f"{DEFAULT_MAX_STEPS} when --time is not given either).", at_least=0)
     time: str = opt("", "Time budget: 300, 300s, 5m, 1h30m (empty: none).", check=_check_duration)
     device: str = opt("auto", "auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).", choices=DEVICES)
-    precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where it is fast).",
+    precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on a CPU with native bf16, else fp32).",
                          choices=PRECISIONS)
     compile: bool = opt(False, "Use torch.compile.")
     eval_interval: int = opt(200, "Steps between evaluations and checkpoints.", at_least=1)

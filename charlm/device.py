@@ -1,4 +1,4 @@
-"""Device and precision choice: `auto` picks CUDA, then MPS, then CPU; bf16 only where fast."""
+"""Device and precision choice: `auto` picks CUDA, then MPS, then CPU; bf16 only where it pays."""
 
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(name: str, device: torch.device) -> str:
     """Concrete precision ("fp32", "bf16" or "fp16") for `--precision` on `device`."""
     if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Not bf16 on CUDA: cuDNN's LSTM is bound by its sequential steps, not by arithmetic,
+        # so bf16 bought no speed on an H100 (2x512-2x1024 at 128x128: 0.84-0.96 M chars/s in
+        # both), and a 2x1024 model stalled at 2.25 bpc in bf16 where fp32 reached 1.52 in the
+        # same minute (benchmarks/RESULTS.md, GPU section).
         if device.type == "cpu" and cpu_has_fast_bf16():
             return "bf16"
         return "fp32"

@@ -107,6 +107,10 @@ class Trainer:
         # With --ema: an average of the weights, updated after every step, is the model that is
         # evaluated, saved as the weights and sampled from; the live weights go on training.
         self.average: CharRNN | None = copy.deepcopy(self.model) if tc.ema else None
+        if self.average is not None:
+            # A deep copy loses cuDNN's single weight buffer; without this every evaluation on
+            # CUDA re-packs the weights (PyTorch warns "not part of single contiguous chunk").
+            self.average.rnn.flatten_parameters()
         ac_dtype = autocast_dtype(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=ac_dtype)) if ac_dtype else contextlib.nullcontext
         self.progress = Progress()

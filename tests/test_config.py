@@ -262,3 +262,18 @@ def test_every_setting_has_a_flag_with_help_and_a_readme_row(runner):
             assert field.metadata["help"], field.name
             assert name in help_text, f"charlm train has no {name}"
             assert f"`{name}" in train_section or f" {name}" in train_section, f"README: no row for {name}"
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    # On CUDA bf16 bought the LSTM no speed and stalled a wide one (RESULTS, GPU), so auto is fp32.
+    import torch
+
+    from charlm import device as dev
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dev.resolve_precision("auto", cuda) == "fp32"
+    assert dev.resolve_precision("bf16", cuda) == "bf16"  # an explicit choice stands
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
+    assert dev.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
+    assert dev.resolve_precision("auto", cpu) == "fp32"
