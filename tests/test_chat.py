@@ -164,6 +164,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes charlm, with the terminal as stdin/out/err
             try:
+                # As in a terminal's foreground job: a test run started in the background
+                # (`cmd &` in a script) ignores SIGINT, and exec would pass that on.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
