@@ -19,6 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import charlm
 from charlm.cli import app
 from charlm.config import RunConfig, build_config
 from charlm.encode import encode_corpus
@@ -143,6 +144,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, _one_thread, _corpus_c
     torch.set_rng_state(rng)
     assert res.exit_code == 0, res.output
     return base / "run"
+
+
+@pytest.fixture(scope="session")
+def ckpt(trained_run: Path) -> Path:
+    """The shared tiny run's checkpoint (RUN_STEPS steps): it has learned something, yet many
+    characters are still plausible at each step (the top-k / top-p checks need that)."""
+    return trained_run / "latest.pt"
+
+
+@pytest.fixture(scope="module")
+def lm(ckpt: Path) -> charlm.CharLM:
+    """The shared run's model, loaded once per module."""
+    return charlm.load(ckpt)
 
 
 @pytest.fixture

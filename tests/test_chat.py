@@ -29,16 +29,6 @@ from charlm.sample_options import SampleOptions
 PRIMES = ["The state of ", "Our economy is", ""]
 
 
-@pytest.fixture(scope="module")
-def ckpt(trained_run) -> Path:
-    return trained_run / "latest.pt"
-
-
-@pytest.fixture(scope="module")
-def lm(ckpt):
-    return charlm.load(ckpt)
-
-
 def sample_cli(ckpt: Path, *args: str) -> str:
     """stdout of `charlm sample --no-echo ARGS` (the continuation alone, then a newline)."""
     res = CliRunner().invoke(app, ["sample", "-c", str(ckpt), "--no-echo", *args])

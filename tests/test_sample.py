@@ -11,13 +11,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import charlm_cmd, subprocess_env
 
-import charlm
 from charlm.cli import main
 from charlm.config import ModelConfig
 from charlm.model import CharRNN
@@ -28,18 +26,6 @@ from charlm.vocab import Vocab
 PRIME = "The state of "
 
 
-
-
-@pytest.fixture(scope="module")
-def ckpt(trained_run) -> Path:
-    """The shared tiny run (30 steps): it has learned something, yet many characters are
-    still plausible at each step (the top-k / top-p checks need that)."""
-    return trained_run / "latest.pt"
-
-
-@pytest.fixture(scope="module")
-def lm(ckpt):
-    return charlm.load(ckpt)
 
 
 def replay_logits(lm, prime: str, text: str) -> torch.Tensor:

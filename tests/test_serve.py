@@ -29,7 +29,6 @@ import urllib.error
 import urllib.request
 from dataclasses import fields
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +37,6 @@ from browser import WebDriver, needs_webdriver
 from conftest import charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
-import charlm
 from charlm.cli import app
 
 HAVE_SERVE = find_spec("fastapi") is not None and find_spec("uvicorn") is not None
@@ -49,16 +47,6 @@ LIMITS = {"max_length": 1_000_000, "max_samples": 4, "max_prime": 50, "max_body"
           "max_in_flight": 8, "chunk_steps": 32}
 LONG = 1_000_000  # a request that cannot finish during a test: it is cancelled by closing
 PRIME = "The state of "
-
-
-@pytest.fixture(scope="module")
-def ckpt(trained_run) -> Path:
-    return trained_run / "latest.pt"
-
-
-@pytest.fixture(scope="module")
-def lm(ckpt):
-    return charlm.load(ckpt)
 
 
 class Server:
