@@ -148,7 +148,8 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
     base = Shape.of(cfg)
     if "batch_size" not in explicit and "seq_len" not in explicit and device_type == "cuda":
         base = replace(base, batch_size=128, seq_len=128)
-    timed: dict[str, float] = {}
+    timed: dict[str, float] = {}  # seconds spent measuring each shape
+    speeds: dict[str, float] = {}  # each shape is measured once: one plan, one speed per shape
 
     vf = cfg.train.val_fraction
     val_chars = int(train_chars * vf / (1 - vf))
@@ -160,9 +161,12 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, vocab_size: 
         per_batch = shape.batch_size * shape.seq_len
         if time_cap is None:
             return 0.0, float((max_steps or DEFAULT_MAX_STEPS) * per_batch)
-        t0 = time.perf_counter()
-        cps = speed(shape)
-        timed.setdefault(_name(shape), time.perf_counter() - t0)
+        name = _name(shape)
+        if name not in speeds:
+            t0 = time.perf_counter()
+            speeds[name] = speed(shape)
+            timed[name] = time.perf_counter() - t0
+        cps = speeds[name]
         return cps, float(steps_in(time_cap, per_batch / cps, per_batch, scored, cfg.session.eval_interval) * per_batch)
 
     why: list[str] = []

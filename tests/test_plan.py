@@ -169,3 +169,21 @@ def test_a_timed_plan_measures_this_machine(runner, corpus_file, budget):
     first = res.stdout.splitlines()[0]
     speed = float(first.split(" chars/s")[0].rsplit("; ", 1)[1].replace(",", ""))
     assert speed > 0
+
+
+def test_each_shape_is_measured_once_so_the_plan_uses_the_speed_it_chose_by():
+    # A noisy machine measures a shape differently each time: the chosen width's steps must
+    # be those it was chosen for (a second probe once planned 3,753 steps for "the widest
+    # with 4,000"), and every probe's time is charged to the budget.
+    measured: list[tuple[tuple[int, float], float]] = []
+    noise = iter([1.0, 0.5] * 50)
+
+    def speed(shape: Shape) -> float:
+        cps = flops_speed()(shape) * next(noise)
+        measured.append(((shape.hidden_size, shape.dropout), cps))
+        return cps
+
+    p = make_plan(RunConfig(), set(), 2_000_000, VOCAB, 240, None, speed, "cpu")
+    shapes = [shape for shape, _ in measured]
+    assert len(shapes) == len(set(shapes)) == len(p.probe_seconds)
+    assert p.chars_per_s == dict(measured)[(p.shape.hidden_size, p.shape.dropout)]
