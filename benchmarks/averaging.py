@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from charlm.budget import TimeBudget
-from charlm.config import build_config
-from charlm.encode import encode_corpus
-from charlm.evaluate import evaluate
-from charlm.events import Callbacks
-from charlm.model import CharRNN
-from charlm.records import RecordSet
-from charlm.rundir import RunDir
-from charlm.train import Trainer
+from charlm.config.run import build_config
+from charlm.data.cache import encode_corpus
+from charlm.data.records import RecordSet
+from charlm.model.network import CharRNN
+from charlm.model.scoring import evaluate
+from charlm.storage.rundir import RunDir
+from charlm.training.budget import TimeBudget
+from charlm.training.events import Callbacks
+from charlm.training.trainer import Trainer
 
 DECAYS = (0.99, 0.999)
 TAIL = 0.8  # the uniform average starts at this share of the steps
@@ -81,8 +81,7 @@ def main() -> None:
                     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                           flush=True)
 
-        budget = TimeBudget(trainer.plan, None, args.steps, 10**9, lambda sps: 0.0)
-        trainer.loop(budget, Average(), lambda: 0)
+        trainer.loop(TimeBudget.fixed_steps(args.steps), Average(), lambda: 0)
     print(json.dumps({"settings": settings, "steps": args.steps,
                       **{f"{k}_best": round(min(v), 4) for k, v in scores.items() if v},
                       **{f"{k}_final": round(v[-1], 4) for k, v in scores.items() if v}}))

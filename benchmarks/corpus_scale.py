@@ -61,7 +61,7 @@ def source_text(source: str | None) -> tuple[str, str]:
     if source:
         return Path(source).read_text(encoding="utf-8"), source
     try:
-        from charlm.encode import encode_corpus
+        from charlm.data.cache import encode_corpus
 
         enc = encode_corpus(["nltk:state_union"])
         return enc.vocab.decode(enc.ids.tolist()), "nltk:state_union"
@@ -92,9 +92,9 @@ def child(corpus: str | None, cache: str, steps: int) -> dict[str, Any]:
     """Runs in a fresh process: import (baseline), encode, encode again, train."""
     import torch
 
-    from charlm.config import RunConfig
-    from charlm.encode import encode_corpus
-    from charlm.session import fit
+    from charlm.config.run import RunConfig
+    from charlm.data.cache import encode_corpus
+    from charlm.training.session import fit
 
     row: dict[str, Any] = {"rss_after_import_mb": peak_rss_mb()}
     if not corpus:

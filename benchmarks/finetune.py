@@ -35,9 +35,8 @@ from typing import Any
 import torch
 
 from charlm.api import load
-from charlm.config import build_config
-from charlm.finetune import base_defaults
-from charlm.session import fit
+from charlm.config.run import build_config
+from charlm.training.session import fit
 
 
 def machine() -> str:
@@ -85,11 +84,12 @@ def score(ckpt: Path, test: Path) -> dict[str, Any]:
     return {"test_bpc": round(result["bpc"], 4), "test_chars": result["chars"], "skipped": result["skipped_chars"]}
 
 
-def run(name: str, flags: dict[str, Any], corpus: list[str], out: Path, test: Path,
-        defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    cfg = build_config(None, {**flags, "preview_length": 0, "keep": 0}, defaults=defaults)
+def run(name: str, flags: dict[str, Any], corpus: list[str], out: Path, test: Path) -> dict[str, Any]:
+    """A run with the built-in defaults but for `flags` (a fine-tuned one takes its model settings
+    from its base)."""
+    cfg = build_config(None, {**flags, "preview_length": 0, "keep": 0})
     t0 = time.perf_counter()
-    result = fit(cfg, corpus, out)
+    result = fit(cfg, corpus, out, explicit=set(flags), planner=False)
     row = {"run": name, **{k: v for k, v in flags.items() if k != "init_from"},
            "steps": result.step, "train_s": round(result.elapsed, 1), "wall_s": round(time.perf_counter() - t0, 1),
            "val_bpc": round(result.best_val_bpc or 0.0, 4), **score(out / "best.pt", test)}
@@ -133,11 +133,10 @@ def main() -> None:
             if not args.only_extra:
                 rows.append(run("scratch", budget, [str(small)], folder / f"scratch-{name}", test))
                 rows.append(run("fine-tuned", {**budget, "init_from": str(base)}, [str(small)],
-                                folder / f"ft-{name}", test, base_defaults(base)))
+                                folder / f"ft-{name}", test))
             for i, changes in enumerate(extra):
                 flags = {**budget, "init_from": str(base), **{k: json.loads(v) for k, v in changes.items()}}
-                rows.append(run("fine-tuned", flags, [str(small)], folder / f"ft{i}-{name}", test,
-                                base_defaults(base)))
+                rows.append(run("fine-tuned", flags, [str(small)], folder / f"ft{i}-{name}", test))
         print("\n| run | budget | settings | steps | training time | test bpc |")
         print("|---|---|---|---|---|---|")
         for r in rows:

@@ -43,8 +43,8 @@ def device_info() -> dict[str, Any]:
 def speeds(vocab: int) -> None:
     import torch
 
-    from charlm.plan import WIDTHS, Shape
-    from charlm.probe import step_seconds
+    from charlm.training.planner import WIDTHS, Shape
+    from charlm.training.probe import step_seconds
 
     device = torch.device("cuda")
     for precision in ("bf16", "fp32"):
@@ -56,10 +56,10 @@ def speeds(vocab: int) -> None:
 
 
 def quality(corpus: list[str] | None, budget: str, precision: str, seed: int | None = None) -> None:
-    from charlm.config import build_config
-    from charlm.events import Callbacks
-    from charlm.rundir import RunDir
-    from charlm.session import fit
+    from charlm.config.run import build_config
+    from charlm.storage.rundir import RunDir
+    from charlm.training.events import Callbacks
+    from charlm.training.session import fit
 
     notes: list[str] = []
 
@@ -86,9 +86,9 @@ def quality(corpus: list[str] | None, budget: str, precision: str, seed: int | N
 
 def sampling(corpus: list[str] | None) -> None:
     from charlm.api import load
-    from charlm.config import build_config
-    from charlm.sample_options import SampleOptions
-    from charlm.session import fit
+    from charlm.config.run import build_config
+    from charlm.config.sampling import SampleOptions
+    from charlm.training.session import fit
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(None, {"max_steps": 50, "device": "cuda", "preview_length": 0})

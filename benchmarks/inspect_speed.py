@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import charlm
-from charlm.inspect import (
+from charlm.analysis.inspect_page import page_data, render
+from charlm.analysis.inspection import (
     find_units,
     inspect_text,
     load_text,
@@ -35,7 +36,6 @@ from charlm.inspect import (
     trace_states,
     write_npz,
 )
-from charlm.inspect_page import page_data, render
 
 
 def _cpu() -> str:

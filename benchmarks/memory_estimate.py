@@ -1,4 +1,4 @@
-"""The memory estimate (`charlm.memory`) and the checkpoint-size estimate (`charlm.diskspace`)
+"""The memory estimate (`charlm.training.memory`) and the checkpoint-size estimate (`charlm.fs`)
 against measurements on this machine.
 
     python benchmarks/memory_estimate.py [--quick]
@@ -27,13 +27,14 @@ CHILD = """
 import json, os, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
-from charlm import diskspace, memory
-from charlm.budget import TimeBudget
-from charlm.checkpoint import serialize
-from charlm.config import build_config
-from charlm.rundir import RunDir
-from charlm.train import Trainer
-from charlm.vocab import Vocab
+from charlm.config.run import build_config
+from charlm.data.vocab import Vocab
+from charlm.model.size import state_values
+from charlm.storage.checkpoint import BudgetState, checkpoint_bytes, serialize
+from charlm.storage.rundir import RunDir
+from charlm.training import memory
+from charlm.training.probe import time_steps
+from charlm.training.trainer import Trainer
 shape = json.loads(sys.argv[1])
 V = shape.pop("vocab")
 cfg = build_config(None, {**shape, "device": "cpu"})
@@ -42,21 +43,14 @@ with open("/proc/self/statm") as f:
     base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 trainer = Trainer(cfg, Vocab("".join(chr(0x100 + i) for i in range(V))), ids, {}, RunDir(sys.argv[2]),
                   torch.device("cpu"))
-budget = TimeBudget(trainer.plan, None, 2, 10**9, lambda s: 0.0, time.perf_counter)
-budget.begin()
-t0 = time.perf_counter()
-for _ in range(2):
-    trainer._step(budget, time.perf_counter())
-seconds = time.perf_counter() - t0
-size = len(serialize(trainer.checkpoint()))  # a save's peak: the checkpoint serialized in memory
+seconds = sum(time_steps(trainer, 2))
+size = len(serialize(trainer.checkpoint(BudgetState())))  # a save's peak: the checkpoint serialized in memory
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 est = memory.estimate(cfg, V, trainer.precision)
-m = cfg.model
-hidden = m.num_layers * cfg.train.batch_size * m.hidden_size * (2 if m.cell == "lstm" else 1)
 print(json.dumps({"precision": trainer.precision, "parameters": est.parameters, "measured_bytes": peak - base,
                   "estimate_bytes": est.total, "activations_bytes": est.activations,
                   "checkpoint_bytes": size,
-                  "checkpoint_estimate": diskspace.checkpoint_bytes(est.parameters, hidden),
+                  "checkpoint_estimate": checkpoint_bytes(est.parameters, state_values(cfg.model, cfg.train.streams())),
                   "seconds": round(seconds, 2)}))
 """
 

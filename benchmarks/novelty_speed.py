@@ -14,7 +14,7 @@ so long repeats (a hard case for suffix sorting) are common. It is encoded into 
 temporary corpus cache like any training run.
 
 Measured, one JSON line each:
-  - build: `charlm.novelty.open_index` on an empty cache (libdivsufsort through
+  - build: `charlm.analysis.novelty.open_index` on an empty cache (libdivsufsort through
     pydivsufsort, then the atomic write and checksum): seconds, MB/s, peak RSS;
   - doubling: a plain numpy prefix-doubling suffix array (the dependency-free alternative)
     on the first --doubling-mb MB of the same ids: seconds and rounds; the two arrays are
@@ -72,7 +72,7 @@ def peak_rss_mb() -> float:
 
 
 def source_text() -> tuple[str, str]:
-    from charlm.corpus import iter_text, resolve_all
+    from charlm.data.sources import iter_text, resolve_all
     from charlm.errors import CharLMError
 
     try:
@@ -149,8 +149,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
-    from charlm.encode import encode_corpus
-    from charlm.novelty import novelty_report, open_index
+    from charlm.analysis.novelty import novelty_report, open_index
+    from charlm.data.cache import encode_corpus
 
     emit({"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                       "numpy": np.__version__, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}})
@@ -178,7 +178,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             same = bool(np.array_equal(sa, index.sa[:m])) if m == n else None
             if m < n:  # compare with libdivsufsort on the same prefix
-                from charlm.suffix import suffix_array
+                from charlm.analysis.suffix import suffix_array
                 t1 = time.perf_counter()
                 ref = suffix_array(np.asarray(corpus.ids[:m]))
                 ref_s = time.perf_counter() - t1

@@ -41,7 +41,7 @@ CORPORA = ("sotu-250k", "sotu-1m", "sotu", "code")
 SPEED_CHARS = 120_000  # characters timed per speed measurement (after 3 warm-up steps)
 
 # Hand configurations: each changes a few settings from the built-in defaults. "ema": "auto"
-# takes the planner's decay for the run's steps and passes (`charlm.plan.ema_for`).
+# takes the planner's decay for the run's steps and passes (`charlm.training.planner.ema_for`).
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     **{f"w{w}e": {"hidden_size": w, "lr": round(0.01 * (256 / w) ** 0.5, 5), "ema": "auto"}
@@ -76,7 +76,7 @@ def machine() -> dict[str, str]:
 
 def prepare(work: Path) -> None:
     """Write the panel's corpora into WORK (State of the Union needs NLTK_DATA)."""
-    from charlm.encode import encode_corpus
+    from charlm.data.cache import encode_corpus
 
     work.mkdir(parents=True, exist_ok=True)
     sotu = encode_corpus(["nltk:state_union"])
@@ -111,7 +111,7 @@ def corpus_path(work: Path, name: str) -> Path:
 
 def shape_key(settings: dict[str, Any]) -> str:
     """What speed depends on: the model's shape, the batch layout, dropout and the cell."""
-    from charlm.config import build_config
+    from charlm.config.run import build_config
 
     cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
     m, t = cfg.model, cfg.train
@@ -127,9 +127,9 @@ def measure_speed(settings: dict[str, Any]) -> float:
     """Characters per CPU-second of one thread, for these settings (runs in a child process)."""
     import torch
 
-    from charlm.config import build_config
-    from charlm.plan import Shape
-    from charlm.probe import step_seconds
+    from charlm.config.run import build_config
+    from charlm.training.planner import Shape
+    from charlm.training.probe import step_seconds
 
     torch.set_num_threads(1)
     cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
@@ -162,13 +162,12 @@ def _one_thread_env() -> dict[str, str]:
 
 def planned_steps(settings: dict[str, Any], budget_s: float, speed: float, corpus_chars: int) -> int:
     """Steps a `--time` run of `budget_s` plans at `speed` (the TimeBudget's own arithmetic)."""
-    from charlm.budget import steps_in
-    from charlm.config import build_config
+    from charlm.config.run import build_config
+    from charlm.training.budget import steps_in
 
     cfg = build_config(None, settings)
     per_batch = cfg.train.batch_size * cfg.train.seq_len
-    val = max(2, int(corpus_chars * cfg.train.val_fraction))
-    return steps_in(budget_s, per_batch / speed, per_batch, min(val, cfg.train.eval_chars or val),
+    return steps_in(budget_s, per_batch / speed, per_batch, cfg.train.scored_chars(train_part(corpus_chars)[1]),
                     cfg.session.eval_interval)
 
 
@@ -176,9 +175,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration for its planned steps; runs in a child process (one thread)."""
     import torch
 
-    from charlm.config import build_config
-    from charlm.rundir import RunDir
-    from charlm.session import fit
+    from charlm.config.run import build_config
+    from charlm.storage.rundir import RunDir
+    from charlm.training.session import fit
 
     torch.set_num_threads(1)
     cfg = build_config(None, {**job["settings"], "max_steps": job["steps"], "preview_length": 0, "keep": 0,
@@ -194,6 +193,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "curve": [[r["step"], round(r["val_bpc"], 4)] for r in rows]}
 
 
+def train_part(chars: int) -> tuple[int, int]:
+    """Training and held-out characters of a corpus of `chars`, split as a run splits it."""
+    import numpy as np
+
+    from charlm.config.run import RunConfig
+    from charlm.data.streams import split
+
+    held = split(np.zeros(chars, dtype=np.uint8), RunConfig().train.val_fraction)
+    return len(held.train), len(held.val)
+
+
 def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s: float = 0.0,
              plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The job for one configuration in one cell (corpus@budget)."""
@@ -203,10 +213,9 @@ def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s
     speed = speed_of(work, settings)
     fixed = {k: v for k, v in settings.items() if v != "auto"}  # "auto" is resolved below
     steps = planned_steps(fixed, BUDGETS[budget] - probe_s, speed, chars)
-    train_chars = chars - int(chars * 0.05)
-    passes = steps * _per_batch(fixed) / train_chars
+    passes = steps * _per_batch(fixed) / train_part(chars)[0]
     if settings.get("ema") == "auto":
-        from charlm.plan import ema_for
+        from charlm.training.planner import ema_for
 
         settings = {**settings, "ema": ema_for(steps, passes)}
     return {"cell": cell, "config": name, "settings": settings, "corpus": str(path), "steps": steps,
@@ -214,7 +223,7 @@ def schedule(work: Path, cell: str, name: str, settings: dict[str, Any], probe_s
 
 
 def _per_batch(settings: dict[str, Any]) -> int:
-    from charlm.config import build_config
+    from charlm.config.run import build_config
 
     t = build_config(None, settings).train
     return t.batch_size * t.seq_len
@@ -261,22 +270,23 @@ def cells(spec: str) -> list[str]:
 
 def planner_job(work: Path, cell: str) -> dict[str, Any]:
     """What charlm's planner picks for a cell, given the same single-core speeds, charged the
-    time its probe would take (PROBE_STEPS timed steps and three warm-up steps per shape)."""
-    from charlm.config import RunConfig
-    from charlm.plan import PROBE_STEPS, make_plan
+    time its probe would take (PROBE_TIMED_STEPS timed steps and the untimed warm-up steps per shape)."""
+    from charlm.config.run import RunConfig
+    from charlm.training.budget import UNTIMED_STEPS
+    from charlm.training.planner import PROBE_TIMED_STEPS, make_plan
 
     corpus, budget = cell.split("@")
     chars = len(corpus_path(work, corpus).read_text(encoding="utf-8"))
-    train_chars = chars - int(chars * 0.05)
+    train_chars, val_chars = train_part(chars)
     probe_s = 0.0
 
     def speed(shape: Any) -> float:
         nonlocal probe_s
         cps = speed_of(work, shape.settings())
-        probe_s += (PROBE_STEPS + 3) * shape.batch_size * shape.seq_len / cps
+        probe_s += (PROBE_TIMED_STEPS + UNTIMED_STEPS) * shape.batch_size * shape.seq_len / cps
         return cps
 
-    plan = make_plan(RunConfig(), set(), train_chars, 96, BUDGETS[budget], None, speed, "cpu")
+    plan = make_plan(RunConfig(), set(), train_chars, val_chars, 96, BUDGETS[budget], None, speed, "cpu")
     return schedule(work, cell, "planner", plan.settings, probe_s,
                     plan={"why": plan.why, "passes": round(plan.passes, 2), "probe_s": round(probe_s, 2)})
 

@@ -33,14 +33,14 @@ import torch
 from finetune import machine  # benchmarks/finetune.py: this script's folder is on the path
 
 from charlm.api import load
-from charlm.budget import TimeBudget
-from charlm.config import build_config
-from charlm.dataset import model_vocab, training_data
-from charlm.encode import encode_corpus
-from charlm.events import Callbacks, StepStats
-from charlm.rundir import RunDir
-from charlm.session import fit
-from charlm.train import Trainer
+from charlm.config.run import build_config
+from charlm.data.cache import encode_corpus
+from charlm.data.streams import model_vocab, training_data
+from charlm.storage.rundir import RunDir
+from charlm.training.budget import TimeBudget
+from charlm.training.events import Callbacks, StepStats
+from charlm.training.session import fit
+from charlm.training.trainer import Trainer
 
 
 def first_names(seed: int = 0) -> list[str]:
@@ -82,8 +82,7 @@ def speed(corpus: str, records: str, steps: int) -> tuple[float, float]:
     timer = _Timer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, vocab, training_data(enc, vocab, records), enc.desc, RunDir(tmp), torch.device("cpu"))
-        budget = TimeBudget(trainer.plan, None, steps + 3, cfg.session.eval_interval, lambda sps: 0.0)
-        trainer.loop(budget, timer, lambda: 0)  # (one evaluation at the very end, not timed)
+        trainer.loop(TimeBudget.fixed_steps(steps + 3), timer, lambda: 0)  # (one evaluation at the very end, not timed)
     (w0, c0, n0), (w1, c1, n1) = timer.marks[2], timer.marks[-1]
     return (n1 - n0) / (w1 - w0), (n1 - n0) / (c1 - c0)
 

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-from charlm.config import ModelConfig
-from charlm.model import CharRNN, flops_per_char
-from charlm.sample import Sampler
-from charlm.sample_options import SampleOptions
-from charlm.vocab import Vocab
+from charlm.config.run import ModelConfig
+from charlm.config.sampling import SampleOptions
+from charlm.data.vocab import Vocab
+from charlm.generation.sampler import Sampler
+from charlm.model.network import CharRNN
+from charlm.model.size import flops_per_char
 
 VOCAB = 96  # State of the Union has 96 distinct characters
 TARGETS = {"single_over_plain": 2.0, "batch_over_single": 20.0}

@@ -5,7 +5,7 @@
 Prints JSON with, measured in one run: the trainer's chars/s; the chars/s of a plain fp32
 PyTorch loop of the same model (embedding, nn.LSTM, linear, cross-entropy, AdamW); the
 machine's measured matrix-multiply peak in fp32 and bf16; and the fraction of each peak
-the trainer reaches. FLOPs per character follow `charlm.model.flops_per_char`: per layer
+the trainer reaches. FLOPs per character follow `charlm.model.network.flops_per_char`: per layer
 G*H*(I+H) multiply-adds (G = 4 gates for an LSTM), plus the output layer, x2 FLOPs per
 multiply-add, x3 for forward and backward.
 """
@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.budget import TimeBudget
-from charlm.config import RunConfig
+from charlm.config.run import RunConfig
+from charlm.data.vocab import Vocab
 from charlm.device import resolve_device, resolve_precision
-from charlm.events import Callbacks, StepStats
-from charlm.model import flops_per_char
-from charlm.rundir import RunDir
-from charlm.train import Trainer
-from charlm.vocab import Vocab
+from charlm.model.size import flops_per_char
+from charlm.storage.rundir import RunDir
+from charlm.training.budget import TimeBudget
+from charlm.training.events import Callbacks, StepStats
+from charlm.training.trainer import Trainer
 
 VOCAB = 96  # State of the Union has 96 distinct characters
 
@@ -108,8 +108,7 @@ def trainer_speed(cfg: RunConfig, ids: torch.Tensor, steps: int, device: torch.d
     timer = _Timer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, vocab, ids, {"specs": [], "documents": [], "sha256": ""}, RunDir(tmp), device)
-        budget = TimeBudget(trainer.plan, None, steps + 3, cfg.session.eval_interval, lambda sps: 0.0)
-        trainer.loop(budget, timer, lambda: 0)
+        trainer.loop(TimeBudget.fixed_steps(steps + 3), timer, lambda: 0)
     span = timer.times[-1] - timer.times[2]
     return cfg.train.batch_size * cfg.train.seq_len * (len(timer.times) - 3) / span
 

@@ -36,13 +36,12 @@ __all__ = [
 _LAZY = {
     "load": ("charlm.api", "load"),
     "CharLM": ("charlm.api", "CharLM"),
-    # Not `train`: importing the submodule charlm.train binds that name to the module.
-    "fit": ("charlm.session", "fit"),
-    "resume": ("charlm.session", "resume"),
-    "RunConfig": ("charlm.config", "RunConfig"),
-    "ModelConfig": ("charlm.config", "ModelConfig"),
-    "TrainConfig": ("charlm.config", "TrainConfig"),
-    "SessionConfig": ("charlm.config", "SessionConfig"),
+    "fit": ("charlm.training.session", "fit"),
+    "resume": ("charlm.training.session", "resume"),
+    "RunConfig": ("charlm.config.run", "RunConfig"),
+    "ModelConfig": ("charlm.config.run", "ModelConfig"),
+    "TrainConfig": ("charlm.config.run", "TrainConfig"),
+    "SessionConfig": ("charlm.config.run", "SessionConfig"),
     "CharLMError": ("charlm.errors", "CharLMError"),
 }
 

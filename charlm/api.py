@@ -1,4 +1,8 @@
-"""A loaded checkpoint as a Python object: sample, stream, evaluate, describe."""
+"""A loaded checkpoint as a Python object: sample, stream, evaluate, describe.
+
+`CharLM` is what every reader of a checkpoint works with: `charlm sample`, `eval`, `info`,
+`inspect`, `novelty`, `chat`, `serve` and `export`, and Python callers (`charlm.load`).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from charlm import checkpoint as ckpt_io
-from charlm.data import Array, split, translate
-from charlm.dataset import training_data
+from charlm.config.sampling import SampleOptions
+from charlm.data.cache import EncodedCorpus, encode_corpus, reopen_corpus
+from charlm.data.records import RecordSet, RecordSplit, known_records, record_set
+from charlm.data.streams import Array, Split, split_data, training_data, translate
+from charlm.data.vocab import Vocab
 from charlm.device import resolve_device
-from charlm.encode import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.errors import CharLMError
-from charlm.evaluate import evaluate
-from charlm.model import CharRNN
-from charlm.record_batch import evaluate_records
-from charlm.records import RecordSet, generate_records, known_records, record_set
-from charlm.sample import SampleOptions, Sampler
-from charlm.vocab import Vocab
+from charlm.generation.sampler import Sampler
+from charlm.model.network import CharRNN
+from charlm.model.scoring import evaluate, evaluate_records
+from charlm.storage import checkpoint as ckpt_io
 
 
 class CharLM:
@@ -53,7 +56,7 @@ class CharLM:
         records model generates whole records: each starts fresh (with the prime) and ends
         at its end marker, which is not yielded ("" once a record has ended)."""
         if self.records:
-            return generate_records(self.sampler, opts)
+            return self.sampler.generate_records(opts)
         return self.sampler.generate_batch(opts)
 
     def sample(self, **options: Any) -> str | list[str]:
@@ -88,9 +91,7 @@ class CharLM:
                 ids, skipped = translate(corpus.ids, self.vocab.table_from(corpus.vocab))
         else:
             corpus = self.run_corpus()
-            data = training_data(corpus, self.vocab, self.records)
-            val_fraction = self.config.train.val_fraction
-            ids = data.split(val_fraction).val if isinstance(data, RecordSet) else split(data, val_fraction).val
+            ids = self.run_split(corpus).val
             skipped = 0
             source = ["held-out part of " + ", ".join(corpus.desc["specs"])]
             # Scored as training scored it, so the number matches the run's val bpc.
@@ -106,14 +107,21 @@ class CharLM:
         return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
                 "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
 
+    def run_split(self, corpus: EncodedCorpus) -> Split | RecordSplit:
+        """The run's training and held-out parts of `corpus` (its own corpus), split as
+        training split them (`charlm.data.streams.split_data`)."""
+        data = training_data(corpus, self.vocab, self.records)
+        return split_data(data, self.config.train.val_fraction)
+
     def held_out_text(self, max_chars: int) -> str:
         """Up to `max_chars` characters of the run's own held-out text (the text `charlm
-        eval` scores by default), starting at the first line break of its first 1,000
-        characters so the passage opens at the start of a line."""
+        eval` scores by default). A stream's passage starts at the first line break of its
+        first 1,000 characters, so that it opens at the start of a line; a records model's at
+        its first held-out record."""
         corpus = self.run_corpus()
-        val = split(corpus.ids, self.config.train.val_fraction).val
-        head = corpus.vocab.decode(val[: max_chars + 1000].tolist())
-        newline = head.find("\n", 0, 1000)
+        held = self.run_split(corpus)
+        head = corpus.vocab.decode(corpus.ids[held.val_start: held.val_start + max_chars + 1000].tolist())
+        newline = head.find("\n", 0, 1000) if not self.records else -1
         start = newline + 1 if 0 <= newline < len(head) - 1 else 0
         return head[start : start + max_chars]
 
@@ -125,7 +133,7 @@ class CharLM:
             "checkpoint": str(self.path),
             "format_version": ck.file_version,
             "step": p.step,
-            "total_steps": ck.plan.total_steps,
+            "total_steps": ck.budget.total_steps,
             "chars_seen": p.chars_seen,
             "elapsed_s": round(p.elapsed, 1),
             "best_val_bpc": p.best_val_bpc,

@@ -42,7 +42,7 @@ class WriteFailed(CharLMError):
 
 
 class Diverged(Exception):
-    """Training diverged (a non-finite or exploding loss; see `charlm.divergence`); the step
+    """Training diverged (a non-finite or exploding loss; see `charlm.training.divergence`); the step
     was not applied and nothing broken was saved. The CLI prints the message and exits 3."""
 
     def __init__(self, message: str, step: int) -> None:

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 import charlm
 from charlm.cli import app
-from charlm.config import RunConfig, build_config
-from charlm.encode import encode_corpus
-from charlm.options import flag
+from charlm.config.options import flag
+from charlm.config.run import RunConfig, build_config
+from charlm.data.cache import encode_corpus
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

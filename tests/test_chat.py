@@ -22,9 +22,9 @@ from conftest import charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
 import charlm
-from charlm.chat import ChatSession, run
 from charlm.cli import app
-from charlm.sample_options import SampleOptions
+from charlm.cli.chat import ChatSession, run
+from charlm.config.sampling import SampleOptions
 
 PRIMES = ["The state of ", "Our economy is", ""]
 

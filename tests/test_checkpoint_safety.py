@@ -22,10 +22,12 @@ import pytest
 import torch
 from conftest import RUN_STEPS, TINY, charlm_cmd, snapshot, subprocess_env, tiny_config
 
-from charlm import checkpoint, rundir, session
+from charlm import fs
 from charlm.cli import app
 from charlm.errors import CharLMError
-from charlm.rundir import RunDir
+from charlm.storage import checkpoint
+from charlm.storage.rundir import RunDir
+from charlm.training import session
 
 
 def raw(path: Path) -> dict:
@@ -43,7 +45,7 @@ def copy_run(base: Path, dest: Path) -> Path:
 
 
 def tmp_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+    return [p for p in folder.iterdir() if p.name.startswith(fs.TMP_PREFIX)]
 
 
 # --- unsafe, broken, foreign and too-new files -------------------------------------------------
@@ -186,7 +188,7 @@ def _writer_loop(targets: list[Path], versions: list[bytes]) -> None:
     i = 0
     while True:
         for path in targets:
-            checkpoint.write_atomic(path, versions[i % len(versions)])
+            fs.write_atomic(path, versions[i % len(versions)])
         i += 1
 
 
@@ -259,7 +261,7 @@ def test_sigkill_of_a_real_training_run_leaves_loadable_checkpoints(trained_run,
     for path in [run / "latest.pt", run / "best.pt", *RunDir(run).step_files()]:
         assert 0 < step_of(path) < 5000
     step = step_of(run / "latest.pt")
-    (run / f"{checkpoint.TMP_PREFIX}99999-latest.pt").write_bytes(b"half a checkpoint")
+    (run / f"{fs.TMP_PREFIX}99999-latest.pt").write_bytes(b"half a checkpoint")
     res = runner.invoke(app, ["resume", str(run / "latest.pt"), "--max-steps", str(step + 3), "--quiet"])
     assert res.exit_code == 0, res.output
     assert tmp_files(run) == []
@@ -319,7 +321,7 @@ def test_train_refuses_a_folder_holding_a_run(runner, trained_run, corpus_file, 
 def test_train_force_starts_over_but_keeps_other_files(runner, trained_run, corpus_file, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     (run / "notes.txt").write_text("mine")
-    (run / f"{checkpoint.TMP_PREFIX}4242-best.pt").write_bytes(b"left by a killed writer")
+    (run / f"{fs.TMP_PREFIX}4242-best.pt").write_bytes(b"left by a killed writer")
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "5", *TINY, "--force"])
     assert res.exit_code == 0, res.output
     assert (run / "notes.txt").read_text() == "mine"
@@ -370,14 +372,14 @@ def test_a_kill_between_the_files_of_one_save_leaves_best_pt_right(trained_run, 
     kill lands after, the resumed run must end with best.pt holding its best model."""
     corpus = trained_run.parent / "speech.txt"
     run = tmp_path / "run"
-    write = checkpoint.write_atomic
+    write = fs.write_atomic
 
     def dies_after_first_file_of_step_20(path, data):
         write(path, data)
         if path.suffix == ".pt" and torch.load(io.BytesIO(data), weights_only=True)["progress"]["step"] == 20:
             raise Died
 
-    monkeypatch.setattr(rundir, "write_atomic", dies_after_first_file_of_step_20)
+    monkeypatch.setattr(fs, "write_atomic", dies_after_first_file_of_step_20)
     with pytest.raises(Died):
         session.fit(tiny_config(max_steps=20), [str(corpus)], run)
     monkeypatch.undo()
@@ -391,3 +393,19 @@ def test_a_kill_between_the_files_of_one_save_leaves_best_pt_right(trained_run, 
     assert best.progress.best_val_bpc == latest.progress.best_val_bpc == rows[1]["val_bpc"]
     for key in latest.model:
         assert torch.equal(best.model[key], latest.model[key])
+
+
+def test_a_replace_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    """`charlm.fs.atomic_path`, behind every file charlm writes: the target is replaced whole
+    or not at all."""
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), fs.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(fs.TMP_PREFIX) and tmp.exists()
+        tmp.write_bytes(b"half of the new")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+    fs.write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+    with pytest.raises(OSError), fs.atomic_path(tmp_path / "no" / "such" / "folder.bin"):
+        raise AssertionError("an unwritable place fails before the block runs")

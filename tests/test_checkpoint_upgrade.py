@@ -20,10 +20,12 @@ import torch
 from conftest import ROOT
 
 import charlm
-from charlm import checkpoint, session
-from charlm.encode import encode_corpus
+from charlm import fs
+from charlm.data.cache import encode_corpus
 from charlm.errors import TrainingInterrupted
-from charlm.events import Callbacks
+from charlm.storage import checkpoint
+from charlm.training import session
+from charlm.training.events import Callbacks
 
 # In a fresh clone the fixture's recorded corpus path is gone and the ids come from the cache,
 # with a warning that says so (tested in test_encode.py).
@@ -75,7 +77,7 @@ def test_every_field_of_format_1_lands_in_its_group(v1: Path):
     assert (p.step, p.chars_seen, p.elapsed, p.best_val_bpc, p.last_val_bpc) == (
         old["step"], old["chars_seen"], old["elapsed"], old["best_val_bpc"], old["last_val_bpc"])
     assert p.loss_window == old["loss_window"] and p.data == old["data"]
-    assert (ck.plan.total_steps, ck.plan.steps_fixed, ck.plan.sec_per_step, ck.plan.eval_seconds) == (
+    assert (ck.budget.total_steps, ck.budget.steps_fixed, ck.budget.sec_per_step, ck.budget.eval_seconds) == (
         old["total_steps"], old["plan_final"], old["sec_per_step"], old["eval_seconds"])
     assert all(torch.equal(a, b) for a, b in zip(ck.hidden, old["hidden"], strict=True))
     assert len(ck.ranks) == 1 and torch.equal(ck.ranks[0].rng["torch"], old["rng"]["torch"])
@@ -110,7 +112,7 @@ def test_control_a_lost_rng_state_misses_by_more_than_the_tolerance(v1: Path):
     ck = checkpoint.load(v1)
     torch.manual_seed(4321)
     ck.ranks[0].rng["torch"] = torch.get_rng_state()
-    checkpoint.write_atomic(v1, checkpoint.serialize(ck))
+    fs.write_atomic(v1, checkpoint.serialize(ck))
     rec = Recorder()
     session.resume(v1, {"max_steps": 151}, callbacks=rec)
     assert abs(rec.steps[0][1] - EXPECTED["resumed_steps"][0][1]) > 100 * LOSS_TOLERANCE

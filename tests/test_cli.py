@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from charlm import __version__
 from charlm.cli import app
-from charlm.config import ModelConfig
-from charlm.model import CharRNN
+from charlm.config.run import ModelConfig
+from charlm.model.network import CharRNN
+from charlm.storage import checkpoint
 
 METRIC_KEYS = {"step", "chars", "train_bpc", "val_bpc", "lr", "elapsed"}
 
@@ -80,7 +81,7 @@ def _plain(value: Any, where: str = "checkpoint") -> None:
 def test_checkpoints_load_with_weights_only_and_hold_plain_values(trained_run, name):
     ck = torch.load(trained_run / name, map_location="cpu", weights_only=True)
     _plain(ck)
-    assert ck["format"] == "charlm" and ck["version"] == 3
+    assert ck["format"] == "charlm" and ck["version"] == checkpoint.VERSION
     assert set(ck) == {"format", "version", "model", "config", "vocab", "corpus", "optimizer", "scaler",
                        "progress", "plan", "hidden", "ranks", "trained_on", "init", "planner", "live"}
     # TINY: trained from scratch, no planner, no weight average.
@@ -327,7 +328,7 @@ def test_info_json(runner, trained_run):
     assert data["step"] == RUN_STEPS and data["total_steps"] == RUN_STEPS
     assert data["chars_seen"] == RUN_STEPS * CHARS_PER_STEP
     assert data["vocab_size"] == vocab and data["parameters"] == expected_params
-    assert data["format_version"] == 3 and data["device_trained"] == "cpu"
+    assert data["format_version"] == checkpoint.VERSION and data["device_trained"] == "cpu"
     assert data["best_val_bpc"] <= data["last_val_bpc"]
     assert data["corpus"]["documents"] == 1 and data["corpus"]["chars"] == len(TEXT)
     assert len(data["corpus"]["sha256"]) == 64

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from charlm import session
 from charlm.cli import app
-from charlm.config import ModelConfig, RunConfig, SessionConfig, TrainConfig
-from charlm.events import TrainResult
-from charlm.sample_options import SampleOptions
+from charlm.config.run import ModelConfig, RunConfig, SessionConfig, TrainConfig
+from charlm.config.sampling import SampleOptions
+from charlm.training import session
+from charlm.training.events import TrainResult
 
 
 @pytest.fixture
@@ -38,6 +38,21 @@ def test_train_defaults_reach_the_library_unchanged(runner, fit_calls):
     assert call["cfg"] == RunConfig()
     assert call["specs"] == ["a.txt", "b/"] and call["out_dir"] == Path("checkpoints")
     assert call["encoding"] is None and call["force"] is False
+    assert call["explicit"] == set() and call["planner"] is True  # the planner fills in every setting
+
+
+def test_the_settings_chosen_reach_the_planner_and_the_file_is_read_once(runner, fit_calls, tmp_path, monkeypatch):
+    import tomllib
+
+    preset = tmp_path / "p.toml"
+    preset.write_text("[model]\nhidden_size = 40\n[session]\nkeep = 7\n")
+    reads = []
+    real = tomllib.load
+    monkeypatch.setattr(tomllib, "load", lambda fh: reads.append(fh.name) or real(fh))
+    res = runner.invoke(app, ["train", "--config", str(preset), "--lr", "0.02", "--no-planner", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert fit_calls[0]["explicit"] == {"hidden_size", "keep", "lr"} and fit_calls[0]["planner"] is False
+    assert reads == [str(preset)]
 
 
 def test_flags_win_over_the_config_file_which_wins_over_defaults(runner, fit_calls, tmp_path):
@@ -65,9 +80,15 @@ def test_session_flags(runner, fit_calls, args, field, value):
     assert getattr(fit_calls[0]["cfg"].session, field) == value
 
 
-def test_every_bad_flag_is_named_in_one_line_before_the_library_is_called(runner, fit_calls):
-    res = runner.invoke(app, ["train", "--lr", "-1", "--seq-len", "0", "--dropout", "2", "--quiet"])
-    assert res.exit_code == 2 and fit_calls == []
+def test_every_bad_flag_is_named_in_one_line_before_anything_is_read_or_written(runner, monkeypatch, tmp_path):
+    # The CLI delegates; the library's first act is to validate the config, once.
+    def reads(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the corpus was read before the settings were checked")
+
+    monkeypatch.setattr(session, "encode_corpus", reads)
+    res = runner.invoke(app, ["train", "--lr", "-1", "--seq-len", "0", "--dropout", "2", "--quiet",
+                              "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and not (tmp_path / "run").exists()
     [line] = res.stderr.splitlines()
     assert all(f in line for f in ("--lr: ", "--seq-len: ", "--dropout: "))
 
@@ -97,7 +118,7 @@ def test_sample_builds_its_options_from_the_flags(runner, monkeypatch, tmp_path)
 
     class FakeModel:
         def __init__(self) -> None:
-            from charlm.vocab import Vocab
+            from charlm.data.vocab import Vocab
 
             self.vocab = Vocab("abc")
             self.sampler = self
@@ -116,3 +137,24 @@ def test_sample_builds_its_options_from_the_flags(runner, monkeypatch, tmp_path)
     assert res.exit_code == 0, res.output
     assert seen == [SampleOptions(length=3, temperature=t, top_k=4, top_p=0.9, prime="ab", stop="zz", seed=2,
                                   num_samples=2) for t in (0.5, 1.0)]
+
+
+def test_the_run_config_is_validated_once_per_change(runner, corpus_file, tmp_path, monkeypatch):
+    """Once for the settings given, once more for each change the library makes (the
+    planner's choice): never twice for the same settings."""
+    from conftest import tiny_flags
+
+    calls: list[RunConfig] = []
+    real = RunConfig.validate
+
+    def counting(self: RunConfig) -> RunConfig:
+        calls.append(self)
+        return real(self)
+
+    monkeypatch.setattr(RunConfig, "validate", counting)
+    args = ["train", str(corpus_file), *tiny_flags(), "--max-steps", "2", "--no-preview", "-q"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    assert len(calls) == 2 and calls[0] != calls[1]
+    calls.clear()
+    assert runner.invoke(app, [*args, "--no-planner", "--out", str(tmp_path / "b")]).exit_code == 0
+    assert len(calls) == 1

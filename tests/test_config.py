@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, TINY
 
 from charlm.cli import app
-from charlm.config import (
+from charlm.config.run import (
     ModelConfig,
     RunConfig,
     SessionConfig,
@@ -251,7 +251,7 @@ def test_every_setting_has_a_flag_with_help_and_a_readme_row(runner):
     import dataclasses
     import re
 
-    from charlm.options import flag
+    from charlm.config.options import flag
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     train_section = re.search(r"^### `charlm train.*?(?=^### )", readme, re.S | re.M).group(0)
@@ -277,3 +277,19 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
     assert dev.resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
     assert dev.resolve_precision("auto", cpu) == "fp32"
+
+
+def test_values_derived_from_settings_are_the_configs_own():
+    """Each rule once: the seconds of --time, the streams of a run, what an evaluation scores."""
+    from charlm.config.run import scored_chars
+    from charlm.model.scoring import eval_rows
+
+    assert SessionConfig(time="1h30m").time_seconds() == 5400.0 and SessionConfig().time_seconds() is None
+    assert TrainConfig(batch_size=24).streams() == 24 and TrainConfig(batch_size=24).streams(4) == 96
+    t = TrainConfig(eval_chars=1000)
+    assert (t.scored_chars(600), t.scored_chars(50_000), TrainConfig(eval_chars=0).scored_chars(50_000)) == (
+        600, 1000, 50_000)
+    assert scored_chars(50_000, 1) == 2  # a row needs a character to read and one to score
+    for n, cap in ((50_000, 1000), (600, 1000), (50_000, 0)):
+        starts, length = eval_rows(n, cap)
+        assert len(starts) * length <= scored_chars(n, cap) < len(starts) * (length + 1)

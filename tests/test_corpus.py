@@ -14,7 +14,7 @@ import pytest
 from conftest import SHARED_NLTK, TINY, read_corpus
 
 from charlm.cli import app
-from charlm.corpus import DOC_SEPARATOR
+from charlm.data.sources import DOC_SEPARATOR
 from charlm.errors import CharLMError
 
 

@@ -10,11 +10,12 @@ import torch
 from conftest import TINY
 
 from charlm.cli import app
-from charlm.config import ModelConfig
-from charlm.data import StreamBatcher, split, translate
+from charlm.config.run import ModelConfig
+from charlm.data.streams import StreamBatcher, split, translate
 from charlm.errors import CharLMError
-from charlm.evaluate import eval_rows
-from charlm.model import CharRNN, detach_state, flops_per_char, state_from_list, state_to_list
+from charlm.model.network import CharRNN, detach_state, state_from_list, state_to_list
+from charlm.model.scoring import eval_rows
+from charlm.model.size import flops_per_char
 
 CPU = torch.device("cpu")
 
@@ -181,14 +182,28 @@ def test_output_and_state_shapes(cell):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_carried_state_equals_one_long_pass(cell):
+def test_evaluation_carries_each_row_s_state_from_chunk_to_chunk(cell):
+    """Scored a few characters at a time, held-out text gets the bpc of one pass over each row:
+    `evaluate` carries every row's state across its chunk boundaries."""
+    import math
+
+    import torch.nn.functional as F
+
+    from charlm.model.scoring import evaluate
+
     model = make_model(cell).eval()
-    idx = torch.randint(0, 11, (2, 12))
+    ids = torch.randint(0, 11, (3000,), generator=torch.Generator().manual_seed(1))
+    whole, n = evaluate(model, ids, CPU, chunk=4096)  # each row in one call
+    pieces, m = evaluate(model, ids, CPU, chunk=7)
+    assert n == m and pieces == pytest.approx(whole, abs=1e-5)  # (float32 sums in other orders)
+    # Control: the same chunks, each read from a fresh state, score differently.
+    starts, length = eval_rows(len(ids))
+    rows = ids[torch.from_numpy(starts)[:, None] + torch.arange(length)]
     with torch.no_grad():
-        full, _ = model(idx)
-        first, state = model(idx[:, :5])
-        second, _ = model(idx[:, 5:], state)
-    torch.testing.assert_close(torch.cat([first, second], dim=1), full)
+        nats = sum(F.cross_entropy(model(rows[:, a:a + 7])[0].reshape(-1, 11), rows[:, a + 1:a + 8].reshape(-1),
+                                   reduction="sum").item() for a in range(0, length - 1, 7)
+                   if rows[:, a + 1:a + 8].shape[1] == 7)
+    assert abs(nats / math.log(2) / (rows.shape[0] * ((length - 1) // 7) * 7) - whole) > 1e-4
 
 
 def test_detach_state_cuts_the_graph():
@@ -234,17 +249,17 @@ def test_other_cells_train_and_sample_through_cli(cell, runner, corpus_file, tmp
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_scores_held_out_text_in_its_own_precision(precision, runner, corpus_file, tmp_path, monkeypatch):
-    from charlm import evaluate as evaluate_module
-    from charlm import train
+    from charlm.model import scoring as evaluate_module
+    from charlm.training import trainer as train
 
     seen: list[torch.dtype | None] = []
 
     def watched(*args, **kwargs):
         on = torch.is_autocast_enabled("cpu")
         seen.append(torch.get_autocast_dtype("cpu") if on else None)
-        return evaluate_module.evaluate(*args, **kwargs)
+        return evaluate_module.score_held_out(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", watched)
+    monkeypatch.setattr(train, "score_held_out", watched)
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "run"), "--max-steps", "10",
                               "--device", "cpu", "--precision", precision, *TINY])
     assert res.exit_code == 0, res.output

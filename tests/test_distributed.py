@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import TEXT, charlm_cmd, subprocess_env, tiny_flags
 
-from charlm import checkpoint
+from charlm.storage import checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers in /proc")
 
@@ -158,15 +158,15 @@ def test_sigterm_to_one_rank_stops_all_and_resumes_exactly(corpus: Path, tmp_pat
 
 def test_resume_in_a_process_count_that_cannot_share_the_streams(five_steps: Path, tmp_path: Path):
     from charlm.errors import CharLMError
-    from charlm.session import plan_resume
+    from charlm.training.resuming import resume_settings
 
     out = shutil.copytree(five_steps, tmp_path / "run")
     ck = checkpoint.load(out / "latest.pt")
     # As if torchrun had started 3 processes: 4 streams cannot be split 3 ways ...
     with pytest.raises(CharLMError, match=r"4 streams \(4 per process x 1\).*3 processes"):
-        plan_resume(ck, "latest.pt", {"max_steps": 10}, world_size=3)
+        resume_settings(ck, "latest.pt", {"max_steps": 10}, world_size=3)
     # ... but 2 can: 2 streams each.
-    plan = plan_resume(ck, "latest.pt", {"max_steps": 10}, world_size=2)
+    plan = resume_settings(ck, "latest.pt", {"max_steps": 10}, world_size=2)
     assert plan.cfg.train.batch_size == 2 and "continuing in 2 with --batch-size 2" in plan.notes[0]
 
 

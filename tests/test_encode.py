@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
-from charlm import corpus as corpus_mod
-from charlm.corpus import DOC_SEPARATOR
-from charlm.encode import _IdWriter, encode_corpus, reopen_corpus
+from charlm.data import sources as corpus_mod
+from charlm.data.cache import _IdWriter, encode_corpus, reopen_corpus
+from charlm.data.sources import DOC_SEPARATOR
+from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError, CharLMWarning
-from charlm.vocab import Vocab
 
 
 def decode(enc) -> str:

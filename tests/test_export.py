@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import charlm
 from charlm.cli import app
-from charlm.export import start_id, state_names
+from charlm.serving.onnx import start_id, state_names
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

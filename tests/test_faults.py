@@ -44,12 +44,17 @@ from conftest import (
     tiny_flags,
 )
 
-from charlm import checkpoint, diskspace, divergence, encode, memory, plot, probe, rundir, session, train
+from charlm import fs
 from charlm.cli import app
+from charlm.data import cache
 from charlm.errors import CharLMError, Diverged
-from charlm.events import Callbacks
-from charlm.model import CharRNN
-from charlm.runlock import LOCK_FILE, RunLock
+from charlm.model.network import CharRNN
+from charlm.model.size import parameter_count
+from charlm.storage import checkpoint, rundir
+from charlm.storage.runlock import LOCK_FILE, RunLock
+from charlm.training import divergence, memory, probe, session
+from charlm.training import trainer as train
+from charlm.training.events import Callbacks
 
 LINUX = sys.platform.startswith("linux")
 
@@ -70,7 +75,7 @@ def metric_steps(run: Path) -> list[int]:
 
 def run_files_are_whole(run: Path) -> None:
     """Every file of the folder is loadable, and no weights in it are NaN or infinite."""
-    assert not [p.name for p in run.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(fs.TMP_PREFIX)]
     for p in run.glob("*.pt"):
         raw = torch.load(p, weights_only=True)  # whole (not cut short) ...
         for name, t in raw["model"].items():  # ... and never broken weights
@@ -272,19 +277,17 @@ def test_lr_1000_stops_with_exit_3_and_saves_no_broken_weights(runner, corpus_fi
 
 
 class Poison:
-    """torch.nn.functional for the trainer, except that training step `at` gets the loss
-    `make(loss)` (the evaluation's cross-entropy is left alone)."""
+    """The trainer's training loss, except that training step `at` gets the loss `make(loss)`
+    (the evaluation's is left alone)."""
 
     def __init__(self, at: int, make) -> None:
         self.at, self.make, self.calls = at, make, 0
+        self.real = train.stream_loss
 
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
-
-    def cross_entropy(self, *args, **kwargs):
-        loss = torch.nn.functional.cross_entropy(*args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        loss, state = self.real(*args, **kwargs)
         self.calls += 1
-        return self.make(loss) if self.calls == self.at else loss
+        return (self.make(loss) if self.calls == self.at else loss), state
 
 
 @pytest.mark.parametrize(("what", "make", "said"), [
@@ -294,7 +297,7 @@ class Poison:
 def test_a_divergence_after_saves_keeps_the_last_good_checkpoint(runner, corpus_file, tmp_path, monkeypatch,
                                                                 what, make, said):
     run = tmp_path / "run"
-    monkeypatch.setattr(train, "F", Poison(25, make))
+    monkeypatch.setattr(train, "stream_loss", Poison(25, make))
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "40", *TINY])
     monkeypatch.undo()
     assert res.exit_code == 3, res.output
@@ -321,7 +324,7 @@ def test_a_diverged_step_never_reaches_the_weights(corpus_file, tmp_path, monkey
         def on_step(self, stats):
             seen.append(stats.step)
 
-    monkeypatch.setattr(train, "F", Poison(3, lambda loss: loss * float("nan")))
+    monkeypatch.setattr(train, "stream_loss", Poison(3, lambda loss: loss * float("nan")))
     with pytest.raises(Diverged) as info:
         session.fit(tiny_config(max_steps=10), [str(corpus_file)], tmp_path / "run", callbacks=Steps())
     assert info.value.step == 3 and seen == [1, 2]
@@ -422,8 +425,8 @@ def enospc(*_args, **_kwargs):
 
 
 def fail_checkpoint(name: str):
-    """rundir's write_atomic, failing for checkpoint `name` of step 20."""
-    write = checkpoint.write_atomic
+    """The atomic write, failing for checkpoint `name` of step 20."""
+    write = fs.write_atomic
 
     def fake(path, data):
         step = torch.load(io.BytesIO(data), weights_only=True)["progress"]["step"] if path.suffix == ".pt" else 0
@@ -432,6 +435,12 @@ def fail_checkpoint(name: str):
         write(path, data)
 
     return fake
+
+
+def fail_file(name: str):
+    """The atomic write, failing for every file called `name`."""
+    write = fs.write_atomic
+    return lambda path, data: enospc() if Path(path).name == name else write(path, data)
 
 
 @pytest.mark.parametrize("site", ["best.pt", "step", "latest.pt", "metrics", "config"])
@@ -449,9 +458,9 @@ def test_enospc_at_each_write_site_is_one_line_and_keeps_what_was_saved(site, ru
 
         monkeypatch.setattr(rundir.os, "write", half_a_line)
     elif site == "config":
-        monkeypatch.setattr(rundir, "write_atomic", lambda path, data: enospc())
+        monkeypatch.setattr(fs, "write_atomic", fail_file("config.toml"))
     else:
-        monkeypatch.setattr(rundir, "write_atomic", fail_checkpoint(site))
+        monkeypatch.setattr(fs, "write_atomic", fail_checkpoint(site))
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "30", *TINY])
     monkeypatch.undo()
     failed = {"metrics": "metrics.jsonl", "config": "config.toml", "step": "step-0000020.pt"}.get(site, site)
@@ -481,7 +490,7 @@ def test_enospc_at_each_write_site_is_one_line_and_keeps_what_was_saved(site, ru
 
 def test_enospc_writing_the_plot_only_warns(runner, corpus_file, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(plot, "write_atomic", lambda path, data: enospc())
+    monkeypatch.setattr(fs, "write_atomic", fail_file("loss.png"))
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "10",
                               *tiny_flags(), "--no-preview"])
     assert res.exit_code == 0, res.output
@@ -493,14 +502,14 @@ def test_enospc_writing_the_plot_only_warns(runner, corpus_file, tmp_path, monke
 
 
 def test_enospc_in_the_corpus_cache_leaves_no_entry(runner, corpus_file, tmp_path, monkeypatch):
-    cache = Path(os.environ["CHARLM_CACHE_DIR"])
-    before = set(os.listdir(cache))
+    folder = Path(os.environ["CHARLM_CACHE_DIR"])
+    before = set(os.listdir(folder))
     other = tmp_path / "other.txt"
     other.write_text(TEXT + "a new text, a new cache entry\n", encoding="utf-8")
-    monkeypatch.setattr(encode.ckpt_io, "write_atomic", lambda path, data: enospc())
+    monkeypatch.setattr(cache, "write_atomic", lambda path, data: enospc())
     one_line_error(runner.invoke(app, ["train", str(other), "--out", str(tmp_path / "run"), *TINY]),
                    "corpus cache", "cannot write: No space left on device", "the ids need about")
-    assert set(os.listdir(cache)) == before
+    assert set(os.listdir(folder)) == before
     monkeypatch.undo()
     assert runner.invoke(app, ["train", str(other), "--out", str(tmp_path / "run"), "--max-steps", "2",
                                *TINY]).exit_code == 0
@@ -508,7 +517,7 @@ def test_enospc_in_the_corpus_cache_leaves_no_entry(runner, corpus_file, tmp_pat
 
 def test_a_short_disk_is_warned_about_at_start(runner, corpus_file, tmp_path, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
+    monkeypatch.setattr(fs.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "run"), "--max-steps", "2",
                               *tiny_flags(), "--no-preview"])
     assert res.exit_code == 0, res.output
@@ -523,8 +532,14 @@ def test_the_checkpoint_size_estimate_is_close_above_the_real_size(trained_run, 
     params = sum(t.numel() for t in ck.model.values())
     hidden = sum(t.numel() for t in ck.hidden)
     real = (trained_run / "latest.pt").stat().st_size
-    assert real <= diskspace.checkpoint_bytes(params, hidden) <= real + diskspace.CHECKPOINT_MARGIN
-    assert diskspace.files_at_peak(3) == 7 and diskspace.files_at_peak(0) == 3
+    assert real <= checkpoint.checkpoint_bytes(params, hidden) <= real + checkpoint.CHECKPOINT_MARGIN
+    assert rundir.files_at_peak(3) == 7 and rundir.files_at_peak(0) == 3
+    # The memory check counts the same file, serialized twice in memory while it is saved.
+    from charlm.model.size import state_values
+
+    cfg = ck.config
+    assert state_values(cfg.model, cfg.train.streams(ck.trained_on.world_size)) == hidden
+    assert memory.estimate(cfg, len(ck.vocab), "fp32").checkpoint == 2 * checkpoint.checkpoint_bytes(params, hidden)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -579,7 +594,7 @@ def test_an_out_of_memory_error_during_training_is_one_line(error, runner, corpu
     def step(self, budget, started):
         raise error
 
-    monkeypatch.setattr(train.Trainer, "_step", step)
+    monkeypatch.setattr(train.Trainer, "step", step)
     one_line_error(runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "run"), *TINY]),
                    "charlm: error: out of memory (RAM): this run needs about ",
                    "lower --batch-size (now 4), --seq-len (now 16) or --hidden-size (now 32)")
@@ -589,15 +604,20 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(corpus_file, tmp_p
     def step(self, budget, started):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(train.Trainer, "_step", step)
+    monkeypatch.setattr(train.Trainer, "step", step)
     with pytest.raises(RuntimeError, match="a bug"):
         session.fit(tiny_config(max_steps=5), [str(corpus_file)], tmp_path / "run")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_the_parameter_count_is_the_models(cell):
+def test_the_parameter_count_is_the_models_and_every_estimate_uses_it(cell):
+    from charlm.training.planner import Shape
+
     cfg = tiny_config(cell=cell, num_layers=3, hidden_size=24, embedding_size=10)
-    assert memory.parameter_count(cfg, 41) == CharRNN(cfg.model, 41).num_parameters()
+    built = CharRNN(cfg.model, 41).num_parameters()
+    assert parameter_count(cfg.model, 41) == built
+    assert Shape.of(cfg).params(41) == built  # the planner's
+    assert memory.estimate(cfg, 41, "fp32").parameters == built  # the memory check's
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/self/statm")

@@ -16,17 +16,17 @@ import torch
 from conftest import TEXT, TINY, tiny_config
 from typer.testing import CliRunner
 
-from charlm import checkpoint, session
 from charlm.cli import app
-from charlm.config import build_config
-from charlm.data import Translated, split
-from charlm.dataset import model_vocab, training_data
-from charlm.encode import encode_corpus
-from charlm.errors import TrainingInterrupted
-from charlm.events import Callbacks
-from charlm.finetune import ROWS
-from charlm.model import CharRNN
-from charlm.vocab import Vocab
+from charlm.config.run import build_config
+from charlm.data.cache import encode_corpus
+from charlm.data.streams import Translated, model_vocab, split, training_data
+from charlm.data.vocab import Vocab
+from charlm.errors import CharLMError, TrainingInterrupted
+from charlm.model.network import CharRNN
+from charlm.storage import checkpoint
+from charlm.training import session
+from charlm.training.events import Callbacks
+from charlm.training.finetune import ROWS
 
 # The new corpus: some of TEXT's characters, none of its capitals but M, and new ones (digits, Z, #).
 NEW_TEXT = ("zebra 1234 quiz: Zany jazz, 5678 fizz # buzz. the state of our union is strong; "
@@ -60,12 +60,11 @@ def new_corpus(tmp_path) -> Path:
 
 
 def ft_config(base: Path, **over):
-    """A fine-tuning config as the CLI builds it: the model settings from the checkpoint."""
-    from charlm.finetune import base_defaults
-
+    """A fine-tuning config: the built-in defaults but for these settings (`fit` takes the
+    model's settings from the checkpoint, but for the ones changed here)."""
     flags = {"init_from": str(base), "preview_length": 0, "device": "cpu", "precision": "fp32",
              "batch_size": 4, "seq_len": 16, "eval_interval": 5, **over}
-    return build_config(None, flags, defaults=base_defaults(base))
+    return build_config(None, flags)
 
 
 def start_of(cfg, corpus: Path, out: Path) -> checkpoint.Checkpoint:
@@ -91,7 +90,7 @@ def test_rows_are_copied_by_character_and_new_rows_are_fresh(base, new_corpus, t
     merged = Vocab(ck.vocab)
     # A fresh model of the merged vocabulary, as a run from scratch would build it.
     torch.manual_seed(cfg.train.seed)
-    scratch = CharRNN(cfg.model, len(merged)).state_dict()
+    scratch = CharRNN(ck.config.model, len(merged)).state_dict()  # (the shape is the checkpoint's)
     for key in ROWS:
         for ch in merged.chars:
             row = ck.model[key][merged.chars.index(ch)]
@@ -243,3 +242,20 @@ def test_force_never_deletes_the_init_checkpoint(base, new_corpus, tmp_path, run
                               "--force", "--max-steps", "3", "--batch-size", "4", "--seq-len", "16"])
     assert res.exit_code == 2 and "--force clears" in res.stderr
     assert (run / "latest.pt").read_bytes() == before
+
+
+def test_fit_from_python_takes_the_model_from_the_checkpoint(base, new_corpus, tmp_path):
+    """`charlm.fit` with `init_from` and the built-in default shape fine-tunes as the command
+    line does: the model's settings are the checkpoint's (the library resolves them)."""
+    import charlm
+
+    cfg = charlm.RunConfig()
+    cfg.train.init_from, cfg.train.batch_size, cfg.train.seq_len = str(base), 4, 16
+    cfg.session.max_steps, cfg.session.preview_length = 3, 0
+    result = charlm.fit(cfg, [str(new_corpus)], tmp_path / "ft")
+    assert result.step == 3
+    assert checkpoint.load(tmp_path / "ft" / "latest.pt").config.model == checkpoint.load(base).config.model
+    # A shape the caller chose that disagrees is still refused, naming it.
+    cfg.model.hidden_size = 48
+    with pytest.raises(CharLMError, match="--hidden-size 48 \\(it has 32\\)"):
+        charlm.fit(cfg, [str(new_corpus)], tmp_path / "other")

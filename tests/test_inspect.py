@@ -28,12 +28,12 @@ from conftest import TEXT, one_line_error, tiny_flags
 from typer.testing import CliRunner
 
 import charlm
-from charlm import checkpoint
+from charlm.analysis.inspection import KINDS, trace_states
+from charlm.analysis.unit_finder import PROPERTIES, UnitMatch, correlations, find_units, text_properties
 from charlm.cli import app
-from charlm.config import ModelConfig
-from charlm.inspect import KINDS, trace_states
-from charlm.model import CharRNN
-from charlm.units import PROPERTIES, UnitMatch, correlations, find_units, text_properties
+from charlm.config.run import ModelConfig
+from charlm.model.network import CharRNN
+from charlm.storage import checkpoint
 
 # A corpus with quotes, brackets and numbers, so the page has every property to look for.
 CORPUS = TEXT + 'He said "we will build (and we did) 1,250 homes" in 1945.\n' * 20
@@ -492,3 +492,32 @@ def test_hover_shows_the_five_predictions(page):
             assert state[4].startswith("rgb(")
         finally:
             wd.quit()
+
+
+def test_the_page_and_the_npz_replace_old_ones_whole(run, tmp_path, monkeypatch):
+    """Written atomically like every file charlm writes: a write that fails half-way leaves the
+    previous page and npz as they were, and no temporary file."""
+    html, npz = tmp_path / "page.html", tmp_path / "states.npz"
+    html.write_text("the old page", encoding="utf-8")
+    npz.write_bytes(b"the old npz")
+
+    def dies_half_way(fh, **arrays):
+        fh.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", dies_half_way)
+    res = invoke("inspect", run / "best.pt", "--text", TEXT[:200], "--html", html, "--npz", npz)
+    assert res.exit_code == 2 and res.stdout == f"{html}\n"  # the page was written, then the npz failed
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"charlm: error: --npz {npz}: cannot write: No space left on device")
+    assert npz.read_bytes() == b"the old npz" and html.read_text(encoding="utf-8") != "the old page"
+    monkeypatch.undo()
+    import charlm.fs
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(charlm.fs.os, "replace", full_disk)
+    one_line_error(invoke("inspect", run / "best.pt", "--text", TEXT[:200], "--html", tmp_path / "new.html"),
+                   "--html", "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html", "states.npz"]

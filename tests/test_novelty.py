@@ -14,14 +14,14 @@ import pytest
 from conftest import TINY, one_line_error
 from typer.testing import CliRunner
 
-from charlm import checkpoint
+from charlm.analysis.novelty import exact_records, format_report, matching_statistics, novelty_report, record_report
+from charlm.analysis.suffix import TrainingIndex, open_index, suffix_array
 from charlm.cli import app
-from charlm.corpus import DOC_SEPARATOR
-from charlm.data import split
-from charlm.encode import encode_corpus
-from charlm.novelty import exact_records, format_report, matching_statistics, novelty_report, record_report
-from charlm.suffix import TrainingIndex, open_index, suffix_array
-from charlm.vocab import Vocab
+from charlm.data.cache import encode_corpus
+from charlm.data.sources import DOC_SEPARATOR
+from charlm.data.streams import split
+from charlm.data.vocab import Vocab
+from charlm.storage import checkpoint
 
 ALPHABET = "abcdefgh ."
 
@@ -303,8 +303,8 @@ def test_sample_novelty_prints_the_report_on_stderr(novelty_run):
     assert res.exit_code == 0, res.output
     text = res.stdout[:-1]
     assert len(text) == 300
+    from charlm.analysis.novelty import training_index
     from charlm.api import load
-    from charlm.novelty import training_index
 
     expected = format_report(novelty_report(training_index(load(ckpt)), [text]))
     assert res.stderr.strip().splitlines()[-5:] == expected.splitlines()

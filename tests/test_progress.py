@@ -10,8 +10,8 @@ import torch
 from conftest import TINY, tiny_config
 
 from charlm.cli import app
-from charlm.report import Reporter
-from charlm.session import fit
+from charlm.cli.progress import Reporter
+from charlm.training.session import fit
 
 
 def _tiny_cfg(preview_length: int):

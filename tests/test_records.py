@@ -18,15 +18,17 @@ from conftest import TINY, tiny_config
 from typer.testing import CliRunner
 
 import charlm
-from charlm import checkpoint, session
 from charlm.cli import app
-from charlm.dataset import model_vocab, training_data
-from charlm.encode import encode_corpus
+from charlm.data.cache import encode_corpus
+from charlm.data.record_batch import RecordBatcher, RecordRows
+from charlm.data.records import END, START, find_records, split_text
+from charlm.data.streams import model_vocab, training_data
+from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError, TrainingInterrupted
-from charlm.events import Callbacks
-from charlm.record_batch import RecordBatcher, RecordRows, evaluate_records, record_bits, record_loss
-from charlm.records import END, START, find_records, split_text
-from charlm.vocab import Vocab
+from charlm.model.scoring import carry_on, evaluate_records, initial_state, record_bits, record_loss
+from charlm.storage import checkpoint
+from charlm.training import session
+from charlm.training.events import Callbacks
 
 CPU = torch.device("cpu")
 
@@ -163,10 +165,10 @@ def test_training_windows_give_each_record_its_own_loss(lm):
     while not batcher.rows.done:
         batch = batcher.next()
         with torch.no_grad():
-            logits, final = lm.model(batch.x, batch.initial_state(carry))
+            logits, final = lm.model(batch.x, initial_state(batch, carry))
         nats = F.cross_entropy(logits.transpose(1, 2), batch.y, reduction="none") * batch.mask
         per_record += np.bincount(batch.record, weights=nats.sum(1).numpy() / math.log(2), minlength=sub.count)
-        carry = batch.carry(final, carry)
+        carry = carry_on(batch, final, carry)
     alone = [direct_bits(lm, sub.text(i, corpus.vocab)) for i in range(sub.count)]
     np.testing.assert_allclose(per_record, alone, rtol=0, atol=1e-4)
 
@@ -186,7 +188,7 @@ def test_no_gradient_crosses_from_one_record_to_the_next(lm):
     lm.model.eval()
     hook = lm.model.embed.register_forward_hook(keep)
     try:
-        logits, _ = lm.model(batch.x, batch.initial_state(lm.model.init_state(1, CPU)))
+        logits, _ = lm.model(batch.x, initial_state(batch, lm.model.init_state(1, CPU)))
         nats = F.cross_entropy(logits.transpose(1, 2), batch.y, reduction="none") * batch.mask
         nats[1].sum().backward()  # the second record's loss
         grad = seen["embedded"].grad.abs().sum(2)  # (records, positions)
@@ -417,3 +419,24 @@ def test_novelty_reads_a_file_of_records(names_run, tmp_path, runner):
     # The last name is held out: not training text. Zzyzx is in no list.
     assert "exact training records: 60.0% (3 of 5)" in res.stdout
     assert "in 5 samples" in res.stdout
+
+
+def test_a_records_model_s_default_passage_is_its_held_out_records(tmp_path, runner):
+    """`charlm inspect` and `eval --by-char` read the run's held-out text by default; for a
+    records model that is its held-out records, whole, as evaluation holds them out, never the
+    corpus's last characters, which here lie inside training records."""
+    import json
+
+    train = [f"{name} and " * 8 for name in NAMES[:38]]  # long training records
+    held = NAMES[38:40]  # the last 5 % of 40 records: two short ones
+    corpus = tmp_path / "records.txt"
+    corpus.write_text("\n".join(train + held) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(corpus), "--records", "lines", "--out", str(out), "--max-steps", "2",
+                              *TINY])
+    assert res.exit_code == 0, res.output
+    expected = "\n".join(held) + "\n"
+    assert charlm.load(out / "latest.pt").held_out_text(5000) == expected
+    res = runner.invoke(app, ["eval", str(out / "latest.pt"), "--by-char"])
+    assert res.exit_code == 0, res.output
+    assert "".join(json.loads(res.stdout)["characters"]) == expected

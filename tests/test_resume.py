@@ -30,11 +30,13 @@ from conftest import (
     tiny_flags,
 )
 
-from charlm import checkpoint, session
+from charlm import fs
 from charlm.cli import app
-from charlm.config import RunConfig
+from charlm.config.run import RunConfig
 from charlm.errors import CharLMError, TrainingInterrupted
-from charlm.events import Callbacks
+from charlm.storage import checkpoint
+from charlm.training import session
+from charlm.training.events import Callbacks
 
 
 class Recorder(Callbacks):
@@ -72,8 +74,8 @@ RESUME_SCRIPT = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from charlm import session
-from charlm.events import Callbacks
+from charlm.training import session
+from charlm.training.events import Callbacks
 
 class Recorder(Callbacks):
     def __init__(self):
@@ -157,7 +159,7 @@ def test_resume_without_the_saved_rng_would_differ(corpus_file, tmp_path):
     ck = checkpoint.load(clobbered / "latest.pt")
     torch.manual_seed(12345)
     ck.ranks[0].rng["torch"] = torch.get_rng_state()
-    checkpoint.write_atomic(clobbered / "latest.pt", checkpoint.serialize(ck))
+    fs.write_atomic(clobbered / "latest.pt", checkpoint.serialize(ck))
     bad = Recorder()
     session.resume(clobbered / "latest.pt", {"max_steps": n + 1}, callbacks=bad)
     assert bad.steps[0][0] == n + 1 and bad.steps[0][1] != expected_next
@@ -237,7 +239,7 @@ def test_signal_saves_says_how_to_resume_and_exits(signal_runs, name, code, sign
     assert f"charlm: {signame} at step {step}: saved {latest}" in err
     assert f"charlm: continue with: charlm resume {latest}" in err
     assert err.count("finishing the step and saving") == 1  # a second signal changes nothing
-    assert not [p for p in out.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+    assert not [p for p in out.iterdir() if p.name.startswith(fs.TMP_PREFIX)]
     # The last evaluation line printed never passes the saved step.
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(25, step + 1, 25))
@@ -299,7 +301,7 @@ def test_resume_accepts_budget_cadence_and_device_changes(runner, run_copy, tmp_
                               "--eval-interval", "5", "--device", "cpu", "--config", str(same), "--quiet"])
     assert res.exit_code == 0, res.output
     ck = checkpoint.load(run_copy / "latest.pt")
-    assert ck.progress.step == 40 and ck.plan.total_steps == 40
+    assert ck.progress.step == 40 and ck.budget.total_steps == 40
     assert ck.config.session.eval_interval == 5
     assert [r[0] for r in metrics(run_copy)] == [10, 20, 30, 35, 40]
 

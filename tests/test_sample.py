@@ -17,11 +17,12 @@ import torch
 from conftest import charlm_cmd, subprocess_env
 
 from charlm.cli import main
-from charlm.config import ModelConfig
-from charlm.model import CharRNN
-from charlm.sample import Sampler, _read, _Stepper
-from charlm.sample_options import SampleOptions
-from charlm.vocab import Vocab
+from charlm.config.run import ModelConfig
+from charlm.config.sampling import SampleOptions
+from charlm.data.vocab import Vocab
+from charlm.generation.sampler import Sampler, _read
+from charlm.generation.stepper import Stepper
+from charlm.model.network import CharRNN
 
 PRIME = "The state of "
 
@@ -184,7 +185,7 @@ def test_stepper_matches_the_model(cell):
     with torch.inference_mode():
         want, _ = model(ids, None)  # (2, 60, V) through nn.LSTM / GRU / RNN
         _, state = model(ids[:, :20], None)
-        stepper = _Stepper(model, 2, torch.device("cpu"))
+        stepper = Stepper(model, 2, torch.device("cpu"))
         stepper.set_state(state)
         got = []
         for t in range(20, 60):

@@ -352,9 +352,9 @@ def test_over_the_in_flight_limit_is_503_then_served_again(server):
 def test_a_slow_reader_pauses_only_its_own_job(lm):
     """In process: a job whose text is not taken stops at the buffer bound (the worker skips
     it rather than waiting), while another job runs to its end; taking the text resumes it."""
-    from charlm.sample_options import SampleOptions
-    from charlm.serve_settings import ServeSettings
-    from charlm.worker import GenerationWorker
+    from charlm.config.sampling import SampleOptions
+    from charlm.config.serving import ServeSettings
+    from charlm.serving.worker import GenerationWorker
 
     settings = ServeSettings(chunk_steps=8, buffer_chars=64)
     worker = GenerationWorker(lm, settings)
@@ -389,7 +389,7 @@ def test_a_slow_reader_pauses_only_its_own_job(lm):
 
 
 def test_every_setting_is_a_serve_flag_with_its_default():
-    from charlm.serve_settings import ServeSettings
+    from charlm.config.serving import ServeSettings
 
     command = typer.main.get_command(app).commands["serve"]
     defaults = {p.name: p.default for p in command.params}

@@ -30,9 +30,9 @@ def test_train_sample_resume_eval_info(runner, corpus_file, tmp_path):
 
 def test_python_api_after_the_training_module_is_loaded(corpus_file, tmp_path):
     """The README's API: fit, resume, load, sample, stream, evaluate — usable even once
-    charlm.train (the module) has been imported."""
+    charlm.training.trainer (the module) has been imported."""
     import charlm
-    import charlm.train
+    import charlm.training.trainer
 
     cfg = charlm.RunConfig()
     cfg.model.hidden_size, cfg.model.num_layers, cfg.model.embedding_size = 32, 1, 16

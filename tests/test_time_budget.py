@@ -11,8 +11,9 @@ import json
 import pytest
 from conftest import tiny_config
 
-from charlm.budget import BudgetState, TimeBudget
-from charlm.session import fit
+from charlm.storage.checkpoint import BudgetState
+from charlm.training.budget import TimeBudget
+from charlm.training.session import fit
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_budget_without_a_clock_takes_max_steps_or_the_default():
 
 def test_patience_stops_a_run_whose_held_out_bpc_stopped_improving(corpus_file, tmp_path):
     # A learning rate this high makes held-out bpc worse from one evaluation to the next (not
-    # so high that the run diverges: lr 3 would be stopped at step 2, see charlm.divergence).
+    # so high that the run diverges: lr 3 would be stopped at step 2, see charlm.training.divergence).
     cfg = tiny_config(max_steps=400, eval_interval=5, lr=0.3, warmup_steps=0, patience=3)
     result = fit(cfg, [str(corpus_file)], tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -110,3 +111,90 @@ def test_patience_stops_a_run_whose_held_out_bpc_stopped_improving(corpus_file, 
     control = fit(tiny_config(max_steps=60, eval_interval=5, lr=0.3, warmup_steps=0), [str(corpus_file)],
                   tmp_path / "control")
     assert not control.stopped_early and control.step == 60
+
+
+# --- seconds spent: one rule for a new run and for a resume -------------------------------------
+
+
+def test_a_budget_counts_what_went_before_and_everything_it_spends():
+    t, state = {"now": 100.0}, BudgetState()
+    budget = TimeBudget(state, time_cap=10.0, max_steps=None, eval_interval=1000, eval_guess=lambda sps: 0.0,
+                        clock=lambda: t["now"], spent=4.0)  # e.g. the planner's probe
+    assert budget.time_cap == 6.0  # this session's share of the budget
+    budget.begin()
+    t["now"] += 1.5  # steps
+    budget.evaluated(2.0)
+    t["now"] += 2.0  # ... and the evaluation they paid for
+    budget.note()
+    assert state.spent == pytest.approx(4.0 + 1.5 + 2.0)
+    # A budget that is all spent still gives a session its minimum.
+    assert TimeBudget(BudgetState(), 10.0, None, 1000, lambda sps: 0.0, spent=12.0).time_cap == 1.0
+
+
+class _FakeTime:
+    """The session clock: a step costs 0.1 s, an evaluation 5 s, the planner's probe of a shape 7 s."""
+
+    def __init__(self, stop_after: float | None = None) -> None:
+        self.now, self.stop_after, self.caps = 0.0, stop_after, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def pending(self) -> int:
+        import signal
+
+        return signal.SIGINT if self.stop_after is not None and self.now > self.stop_after else 0
+
+    def callbacks(self):
+        from charlm.training.events import Callbacks
+
+        fake = self
+
+        class Timed(Callbacks):
+            def on_step(self, stats):
+                fake.caps.append(stats.time_cap)
+                fake.now += 0.1
+
+            def on_eval(self, record, previews):
+                fake.now += 5.0
+
+        return Timed()
+
+
+def test_resume_subtracts_every_second_a_planned_time_run_spent(corpus_file, tmp_path, monkeypatch):
+    """A --time run spends its budget on the planner's probe, steps and evaluations; stopped
+    before its plan is fixed and resumed, it gets exactly what is left, not the probe's and
+    the evaluations' seconds back."""
+    from charlm.errors import TrainingInterrupted
+    from charlm.storage import checkpoint
+    from charlm.training import probe, session
+
+    fake = _FakeTime(stop_after=20.0)
+    probes = []
+
+    def timed_probe(*args, **kwargs):
+        fake.now += 7.0
+        probes.append(1)
+        return 0.01  # seconds a step of the shape takes
+
+    monkeypatch.setattr(probe, "step_seconds", timed_probe)
+    cfg = tiny_config(time="100s", eval_interval=5, warmup_steps=0, keep=1)
+    explicit = {"hidden_size", "num_layers", "embedding_size", "batch_size", "seq_len", "dropout", "ema"}
+    with pytest.raises(TrainingInterrupted):
+        session.fit(cfg, [str(corpus_file)], tmp_path / "run", clock=fake.clock, pending_signal=fake.pending,
+                    callbacks=fake.callbacks(), explicit=explicit)
+    probe_s = 7.0 * len(probes)
+    assert probes and fake.caps[0] == pytest.approx(100.0 - probe_s)
+    ck = checkpoint.load(tmp_path / "run" / "latest.pt")
+    assert not ck.budget.steps_fixed and ck.budget.spent == pytest.approx(fake.now)
+    assert ck.budget.spent > ck.progress.elapsed + probe_s + 10  # evaluations counted, not only steps
+    later = _FakeTime()
+    session.resume(tmp_path / "run" / "latest.pt", clock=later.clock, callbacks=later.callbacks())
+    assert later.caps[0] == pytest.approx(100.0 - ck.budget.spent)
+    # A new --time on resume is a new budget: nothing of it is spent yet.
+    again = _FakeTime()
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "latest.pt").write_bytes((tmp_path / "run" / "latest.pt").read_bytes())
+    session.resume(out / "latest.pt", {"time": "30s"}, clock=again.clock, callbacks=again.callbacks())
+    assert again.caps[0] == pytest.approx(30.0)

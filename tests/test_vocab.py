@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError
-from charlm.vocab import Vocab
 
 TEXT = "Grüße aus Köln 🎉 — naïve café, 𝔘nicode!\n"
 
@@ -62,3 +62,20 @@ def test_empty_inputs():
 def test_vocab_rejects_unsorted_or_duplicate_chars(chars):
     with pytest.raises(CharLMError):
         Vocab(chars)
+
+
+def test_text_becomes_ids_one_way_everywhere():
+    """Code points, looked up in the vocabulary's sorted code points: the same ids for ASCII
+    (read as its bytes) and for any other text, lone surrogates included, and the ids the
+    novelty index and the inspector read text with are the vocabulary's."""
+    import numpy as np
+
+    from charlm.data.vocab import codepoints
+
+    assert codepoints("Ab").dtype == np.uint8 and codepoints("Äb").dtype == np.dtype("<u4")
+    assert codepoints("Ab").tolist() == [65, 98] and codepoints("Ä\ud800b").tolist() == [196, 0xD800, 98]
+    vocab = vocab_of(TEXT + "\ud800")
+    ids, known = vocab.lookup("xGü🎉\ud800")
+    assert known.tolist() == [False, True, True, True, True]
+    assert ids[1:].tolist() == vocab.encode("Gü🎉\ud800").tolist() and ids[0] == 0
+    assert vocab.encode("Gau").tolist() == vocab.encode("Gau é").tolist()[:3]  # the ASCII path agrees

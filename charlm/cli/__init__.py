@@ -6,6 +6,11 @@ exit code. This package is the only place that prints or picks exit codes.
     generation.py  sample, novelty, chat
     reading.py     eval, info, plot, inspect
     serving.py     serve, export
+    progress.py    the training progress display (a tqdm bar, evaluations, previews, summary)
+    chat.py        the interactive session behind `charlm chat`
+
+Imports: any group of the library, always inside the commands for the ones that load PyTorch,
+so `charlm --help` does not.
 """
 
 from __future__ import annotations

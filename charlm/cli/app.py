@@ -120,14 +120,14 @@ def _root(
 
 def derived_options(*classes: type, skip: tuple[str, ...] = (), only: tuple[str, ...] = (), unset: bool = True
                     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one option per declared field of `classes` (`charlm.options.opt`): its
+    """Give a command one option per declared field of `classes` (`charlm.config.options.opt`): its
     flag, type, help and short alias come from the field, so each option is written once.
     The command receives them as keyword arguments (`**settings`); `skip` leaves fields out,
     `only` keeps just those. With `unset`, an option not given on the command line is None
     (a --config file or the built-in default decides)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        from charlm.options import declared, flag
+        from charlm.config.options import declared, flag
 
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
@@ -167,8 +167,9 @@ EncodingOpt = Annotated[Optional[str], typer.Option(
     "--encoding", help="Text encoding of files (default: strict UTF-8).")]
 
 
-CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint file (a run folder's best.pt or latest.pt).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint file (a run folder's best.pt or latest.pt).",
+                                               show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

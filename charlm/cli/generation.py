@@ -11,9 +11,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from charlm.cli.app import DEFAULT_OUT, DeviceOpt, app, derived_options, err, handle_errors
+from charlm.cli.app import DEFAULT_OUT, CheckpointArg, DeviceOpt, JsonOpt, app, derived_options, err, handle_errors
+from charlm.config.sampling import SampleOptions, parse_temperatures
 from charlm.errors import CharLMError
-from charlm.sample_options import SampleOptions, parse_temperatures
 
 
 def default_checkpoint() -> Path:
@@ -38,12 +38,11 @@ def sample(
     device: DeviceOpt = "cpu",
     novelty: Annotated[bool, typer.Option(
         "--novelty", help="Then report how much of the text is copied from the training text (on stderr).")] = False,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON object (prime, samples, and the --novelty report) instead of streaming text.")
-    ] = False,
+    as_json: JsonOpt = False,
     **options: Any,
 ) -> None:
-    """Generate text from a checkpoint, streamed to stdout as it is produced."""
+    """Generate text from a checkpoint, streamed to stdout as it is produced (--json: the prime,
+    the samples and the --novelty report as one JSON object instead)."""
     import io
 
     from charlm.api import load
@@ -111,7 +110,7 @@ def _stream_first(out: Any, steps: Any, n: int, prime: str) -> list[str]:
 def _write_records(out: Any, steps: Any, n: int, prime: str, mode: str) -> list[str]:
     """Records as the corpus writes them (one per line, or paragraphs between blank lines),
     record 1 streamed live. Returns the generated text of each (prime excluded)."""
-    from charlm.records import SEPARATORS
+    from charlm.data.records import SEPARATORS
 
     texts = _stream_first(out, steps, n, prime)
     between = SEPARATORS[mode][1:]  # a blank line between paragraphs
@@ -125,7 +124,7 @@ def _write_records(out: Any, steps: Any, n: int, prime: str, mode: str) -> list[
 
 def _novelty_index(model: Any) -> Any:
     """The training text's index, saying so on stderr when it has to be built (once)."""
-    from charlm.novelty import training_index
+    from charlm.analysis.novelty import training_index
 
     return training_index(model, on_build=lambda: err(
         "charlm: indexing the training text for the novelty report; later runs skip this"))
@@ -133,7 +132,7 @@ def _novelty_index(model: Any) -> Any:
 
 def _sample_report(index: Any, prime: str, samples: list[tuple[float, str]], as_json: bool) -> None:
     """After `charlm sample`: the novelty report on stderr, or everything as one JSON object."""
-    from charlm.novelty import format_report, novelty_report
+    from charlm.analysis.novelty import format_report, novelty_report
 
     report = novelty_report(index, [text for _, text in samples]) if index is not None else None
     if as_json:
@@ -149,8 +148,8 @@ def _records_report(index: Any, prime: str, shown_prime: str, samples: list[tupl
                     mode: str) -> None:
     """`_sample_report` for a records model: every record is checked whole (prime included),
     and the report says how many are exact training records."""
-    from charlm.novelty import format_report, novelty_report, record_report
-    from charlm.records import SEPARATORS
+    from charlm.analysis.novelty import format_report, novelty_report, record_report
+    from charlm.data.records import SEPARATORS
 
     records = [prime + text for _, text in samples]
     report = None
@@ -170,19 +169,19 @@ def _records_report(index: Any, prime: str, shown_prime: str, samples: list[tupl
 @app.command("novelty")
 @handle_errors
 def novelty_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint whose training text to compare with.")],
+    checkpoint: CheckpointArg,
     file: Annotated[Path, typer.Argument(help="UTF-8 text file to check (e.g. saved samples).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """How much of FILE is copied verbatim from the checkpoint's training text."""
+    """How much of FILE is copied verbatim from the training text of CHECKPOINT's run."""
+    from charlm.analysis.novelty import format_report, novelty_report, read_text_file
     from charlm.api import load
-    from charlm.novelty import format_report, novelty_report, read_text_file
 
     text = read_text_file(file)
     model = load(checkpoint)
     if model.records:  # FILE holds records: checked one by one, and as whole records
-        from charlm.novelty import record_report
-        from charlm.records import SEPARATORS, split_text
+        from charlm.analysis.novelty import record_report
+        from charlm.data.records import SEPARATORS, split_text
 
         records = split_text(text, model.records)
         if not records:
@@ -201,7 +200,7 @@ def novelty_cmd(
 @handle_errors
 @derived_options(SampleOptions, only=("temperature", "length", "top_k", "top_p", "seed"), unset=False)
 def chat(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to talk to (loaded once).")],
+    checkpoint: CheckpointArg,
     device: DeviceOpt = "cpu",
     **options: Any,
 ) -> None:
@@ -209,7 +208,7 @@ def chat(
     commands (/temperature, /length, /top-k, /top-p, /seed change the starting options).
     From a pipe: one continuation per input line on stdout."""
     from charlm.api import load
-    from charlm.chat import ChatSession, run
+    from charlm.cli.chat import ChatSession, run
 
     session = ChatSession(SampleOptions(**options))
     run(load(checkpoint, device=device), session)

@@ -8,17 +8,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from charlm.cli.app import DEFAULT_OUT, DeviceOpt, EncodingOpt, _table, app, err, handle_errors
+from charlm.cli.app import DEFAULT_OUT, CheckpointArg, DeviceOpt, EncodingOpt, JsonOpt, _table, app, err, handle_errors
 
 
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to evaluate.")],
+    checkpoint: CheckpointArg,
     corpus: Annotated[Optional[list[str]], typer.Argument(
         help="Text to score (default: the run's own held-out part).", show_default=False)] = None,
     encoding: EncodingOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     device: DeviceOpt = "cpu",
     by_char: Annotated[bool, typer.Option(
         "--by-char", help="Print JSON with every character's bits: the text read as one sequence from a fresh "
@@ -28,8 +28,8 @@ def eval_cmd(
     from charlm.api import load
 
     if by_char:
-        from charlm.inspect import by_char as per_char
-        from charlm.inspect import load_text
+        from charlm.analysis.inspection import by_char as per_char
+        from charlm.analysis.inspection import load_text
 
         lm = load(checkpoint, device=device)
         result = per_char(lm, *load_text(lm, corpus, None, encoding))
@@ -54,8 +54,8 @@ def eval_cmd(
 @app.command()
 @handle_errors
 def info(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to describe.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    checkpoint: CheckpointArg,
+    as_json: JsonOpt = False,
 ) -> None:
     """What a checkpoint holds: config, vocabulary, parameters, progress, corpus."""
     from charlm.api import load
@@ -78,7 +78,7 @@ def info(
             ("corpus sha256", str(c["sha256"])),
             ("plan", data["plan"] or "- (settings as given)")]
     if data.get("init_from"):
-        from charlm.finetune import describe
+        from charlm.training.finetune import describe
 
         init = data["init_from"]
         rows += [("initialised from", describe(init)),
@@ -94,7 +94,7 @@ def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run folder holding metrics.jsonl.")] = DEFAULT_OUT,
 ) -> None:
     """Write RUN_DIR/loss.png: train and val bpc against characters seen (needs matplotlib)."""
-    from charlm.plot import plot_run
+    from charlm.analysis.plot import plot_run
 
     path = plot_run(run_dir)
     print(path)
@@ -103,7 +103,7 @@ def plot(
 @app.command("inspect")
 @handle_errors
 def inspect_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to look inside.")],
+    checkpoint: CheckpointArg,
     text_file: Annotated[Optional[Path], typer.Argument(
         help="Text to read (default: a stretch of the run's own held-out text).", show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option("--text", help="Read this text instead of a file.")] = None,
@@ -124,9 +124,9 @@ def inspect_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Write an HTML page showing the model's surprisal, predictions and units on a text."""
+    from charlm.analysis.inspect_page import write_page
+    from charlm.analysis.inspection import check_options, inspect_text, load_text, write_npz
     from charlm.api import load
-    from charlm.inspect import check_options, inspect_text, load_text, write_npz
-    from charlm.inspect_page import write_page
 
     lm = load(checkpoint, device=device)
     initial = check_options(lm.model.cfg, layer, kind, unit, levels, max_chars)

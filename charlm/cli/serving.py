@@ -9,16 +9,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from charlm.cli.app import DeviceOpt, app, derived_options, err, handle_errors
+from charlm.cli.app import CheckpointArg, DeviceOpt, app, derived_options, err, handle_errors
+from charlm.config.serving import ServeSettings
 from charlm.errors import CharLMError
-from charlm.serve_settings import ServeSettings
 
 
 @app.command()
 @handle_errors
 @derived_options(ServeSettings, unset=False)
 def serve(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to serve.")],
+    checkpoint: CheckpointArg,
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(
@@ -35,7 +35,7 @@ def serve(
                           "pip install 'charlm[serve]'") from None
 
     from charlm.api import load
-    from charlm.serve import create_app
+    from charlm.serving.app import create_app
 
     settings = ServeSettings(**limits).check()
     lm = load(checkpoint, device=device)
@@ -59,14 +59,14 @@ def serve(
 @app.command()
 @handle_errors
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    checkpoint: CheckpointArg,
     onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write: the one-step model.")],
     vocab: Annotated[Optional[Path], typer.Option(
         "--vocab", help="Vocabulary JSON to write (default: ONNX_FILE.vocab.json).")] = None,
 ) -> None:
     """Write the one-step model (char id and state in, logits and state out) as ONNX, and its
     vocabulary as JSON, for any ONNX runtime (needs `pip install 'charlm[export]'`)."""
-    from charlm.export import check_installed, export_onnx, vocab_path
+    from charlm.serving.onnx import check_installed, export_onnx, vocab_path
 
     check_installed()  # before loading: the missing package is the first thing to say
     from charlm.api import load

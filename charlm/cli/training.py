@@ -12,6 +12,7 @@ import typer
 
 from charlm.cli.app import (
     DEFAULT_OUT,
+    CheckpointArg,
     CorpusArg,
     EncodingOpt,
     NoPreview,
@@ -22,9 +23,9 @@ from charlm.cli.app import (
     err,
     handle_errors,
 )
-from charlm.config import ModelConfig, SessionConfig, TrainConfig
+from charlm.config.run import ModelConfig, SessionConfig, TrainConfig
 from charlm.errors import CharLMError
-from charlm.events import Callbacks, TrainResult
+from charlm.training.events import Callbacks, TrainResult
 
 
 class StopFlag(Callbacks):
@@ -77,21 +78,16 @@ def train(
     **settings: Any,
 ) -> None:
     """Train a new model on CORPUS (default: nltk:state_union)."""
-    from charlm.config import build_config, explicit_settings
-    from charlm.session import dry_plan, fit
+    from charlm.config.run import Choices
+    from charlm.training.session import dry_plan, fit
 
     if no_preview:
         settings["preview_length"] = 0
-    cfg = build_config(config, settings)
-    if cfg.train.init_from:  # fine-tuning: the model's settings default to the checkpoint's
-        from charlm.finetune import base_defaults
-
-        cfg = build_config(config, settings, defaults=base_defaults(cfg.train.init_from))
-    explicit = explicit_settings(config, settings) if planner else None
+    choices = Choices.read(config, settings)
     if plan:
-        if explicit is None:
+        if not planner:
             raise CharLMError("--plan: nothing to plan with --no-planner")
-        _, chosen = dry_plan(cfg, corpus, explicit, encoding=encoding)
+        _, chosen = dry_plan(choices.config(), corpus, choices.keys, encoding=encoding)
         print(chosen.summary())
         for line in chosen.why:
             print(f"  {line}")
@@ -99,8 +95,8 @@ def train(
             print(f"  --{key.replace('_', '-')} {chosen.settings[key]}")
         return
     _with_progress(quiet, lambda callbacks, stop: fit(
-        cfg, corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop,
-        explicit=explicit))
+        choices.config(), corpus, out, encoding=encoding, force=force, callbacks=callbacks, pending_signal=stop,
+        explicit=choices.keys, planner=planner))
 
 
 def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult]) -> None:
@@ -108,8 +104,8 @@ def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult
     print the summary (and draw the loss plot when matplotlib is installed; it is optional)."""
     import importlib.util
 
-    from charlm.events import Fanout
-    from charlm.report import Reporter
+    from charlm.cli.progress import Reporter
+    from charlm.training.events import Fanout
 
     # Under torchrun rank 0 alone shows progress; every rank still stops cleanly on a signal.
     main = _rank() == 0
@@ -122,7 +118,7 @@ def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult
     if not main:
         return
     if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
-        from charlm.plot import plot_run
+        from charlm.analysis.plot import plot_run
 
         try:
             result.plot = plot_run(result.out_dir)
@@ -135,16 +131,16 @@ def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult
 @handle_errors
 @derived_options(SessionConfig)
 def resume(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to continue (its folder is the run's folder).")],
+    checkpoint: CheckpointArg,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="A preset to check against the run (only [session] settings may differ).")] = None,
     no_preview: NoPreview = False,
     quiet: QuietOpt = False,
     **settings: Any,
 ) -> None:
-    """Continue a run exactly where its checkpoint stopped (same schedule, data, RNG)."""
-    from charlm.config import load_toml
-    from charlm.session import resume as resume_run
+    """Continue a run exactly where CHECKPOINT stopped (same schedule, data, RNG), in its folder."""
+    from charlm.config.run import load_toml
+    from charlm.training.session import resume as resume_run
 
     if no_preview:
         settings["preview_length"] = 0

@@ -1,0 +1,309 @@
+"""The typed, versioned checkpoint: layout, atomic writes, `weights_only` loads, upgrades.
+
+A checkpoint file is a dict of tensors and plain Python values only, so it always loads with
+`torch.load(..., weights_only=True)`; nothing is ever unpickled any other way. In memory it
+is a `Checkpoint`, grouped by concern::
+
+    format, version            "charlm", VERSION
+    model                      the weights to use (with --ema, the average), a state dict
+    live                       with --ema: the training weights themselves (for resume)
+    config                     {"model", "train", "session"}: the run's settings
+    vocab                      the characters, in id order
+    optimizer, scaler          their state dicts
+    progress                   step, characters seen, training seconds, val bpc, loss window,
+                               data position
+    plan                       the time budget (`BudgetState`): planned steps, whether fixed,
+                               measured costs, seconds spent
+    hidden                     the carried hidden state of every stream
+    ranks                      per process: RNG states, loss window, weight digest
+    corpus                     sources, documents, SHA-256 of their bytes, size, encoding
+    trained_on                 device, precision, process count
+    init                       where a fine-tuned run started: the checkpoint's path, step,
+                               corpus sources and SHA-256, the vocabulary merge ({}: from scratch)
+    planner                    what the planner chose and why (None: the settings were given)
+
+Files are replaced atomically (`charlm.fs`), so a crash at any moment leaves the previous
+file intact. Older versions are upgraded on load (`_upgrade`). `checkpoint_bytes` is what a
+file takes on disk and while it is serialized in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import pickle
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charlm.config.run import RunConfig
+from charlm.errors import CharLMError
+
+FORMAT = "charlm"
+# 4: the seconds a budget has spent (plan.spent); 3: the init, planner and live groups;
+# 2: grouped layout and [session] config; 1: one flat dict.
+VERSION = 4  # older versions are upgraded on load
+CHECKPOINT_MARGIN = 32 * 1024  # RNG states, settings, vocabulary, zip headers
+
+
+def checkpoint_bytes(parameters: int, hidden_values: int, ema: bool = False) -> int:
+    """Estimated size of one checkpoint: the weights and AdamW's two moments, all fp32 (12
+    bytes per parameter; with --ema also the live weights, 4 more), the carried hidden state
+    (fp32 at most) and `CHECKPOINT_MARGIN` for the rest (benchmarks/RESULTS.md: within 1 % of
+    real files above a million parameters)."""
+    return (16 if ema else 12) * parameters + 4 * hidden_values + CHECKPOINT_MARGIN
+
+
+@dataclass
+class BudgetState:
+    """What a checkpoint keeps of the time budget (`charlm.training.budget` writes it): the
+    run's length and the measured costs."""
+
+    total_steps: int | None = None  # None: a --time run still measuring
+    steps_fixed: bool = False  # the step count (and so the schedule) no longer changes
+    sec_per_step: float | None = None
+    eval_seconds: float | None = None  # one evaluation, saving and previews included
+    # Seconds of the --time budget in force spent so far, over every session: the planner's
+    # probe, steps, evaluations and saves (what a resume that finishes the budget subtracts).
+    spent: float = 0.0
+
+
+@dataclass
+class Progress:
+    """How far the run has come."""
+
+    step: int = 0
+    chars_seen: int = 0
+    elapsed: float = 0.0  # training seconds over all sessions
+    best_val_bpc: float | None = None
+    last_val_bpc: float | None = None
+    loss_window: list[float] = field(default_factory=lambda: [0.0, 0])  # bits sum, steps since the last eval
+    data: dict[str, int] = field(default_factory=lambda: {"pos": 0, "epoch": 0})  # the batcher's position
+    since_best: int = 0  # evaluations since the best validation bpc (for --patience)
+
+
+@dataclass
+class RankState:
+    """What differs between the processes of a torchrun launch (the only one when alone)."""
+
+    rng: dict[str, Any]
+    loss_window: list[float]
+    weights_sha256: str | None = None  # under torchrun: every rank's must be equal
+
+
+@dataclass
+class TrainedOn:
+    device: str = "cpu"
+    precision: str = "fp32"
+    world_size: int = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to sample from a run and to resume it exactly."""
+
+    model: dict[str, torch.Tensor]
+    config: RunConfig
+    vocab: str
+    corpus: dict[str, Any]
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    budget: BudgetState = field(default_factory=BudgetState)  # the file's "plan" group
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    ranks: list[RankState] = field(default_factory=list)
+    trained_on: TrainedOn = field(default_factory=TrainedOn)
+    init: dict[str, Any] = field(default_factory=dict)  # {} for a run trained from scratch
+    planner: dict[str, Any] | None = None  # the plan's summary, reasons and numbers
+    live: dict[str, torch.Tensor] | None = None  # with --ema: the weights training goes on from
+    file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict a file holds (tensors and plain values only)."""
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "config": self.config.to_dict(),
+                "vocab": self.vocab, "corpus": self.corpus, "optimizer": self.optimizer,
+                "scaler": self.scaler, "progress": dataclasses.asdict(self.progress),
+                "plan": dataclasses.asdict(self.budget), "hidden": self.hidden,
+                "ranks": [dataclasses.asdict(r) for r in self.ranks],
+                "trained_on": dataclasses.asdict(self.trained_on), "init": self.init, "planner": self.planner,
+                "live": self.live}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str) -> Checkpoint:
+        return cls(model=d["model"], config=RunConfig.from_dict(d["config"], origin), vocab=d["vocab"],
+                   corpus=d["corpus"], optimizer=d["optimizer"], scaler=d["scaler"],
+                   progress=Progress(**d["progress"]), budget=BudgetState(**d["plan"]), hidden=d["hidden"],
+                   ranks=[RankState(**r) for r in d["ranks"]], trained_on=TrainedOn(**d["trained_on"]),
+                   init=d["init"], planner=d["planner"], live=d["live"])
+
+
+def serialize(ck: Checkpoint) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ck.to_dict(), buf)
+    return buf.getvalue()
+
+
+def load(path: Path | str) -> Checkpoint:
+    """Load and validate a charlm checkpoint on the CPU; never modifies the file.
+
+    Raises `CharLMError` with one line saying what is wrong for missing, truncated,
+    corrupt, unsafe (pickled objects), foreign, too-new or incomplete files.
+    """
+    path = Path(path)
+    obj = _read(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CharLMError(f"{path}: not a charlm checkpoint (a PyTorch file of another kind)")
+    version = obj.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CharLMError(f"{path}: charlm checkpoint with an invalid format version {version!r}")
+    if version > VERSION:
+        raise CharLMError(
+            f"{path}: written by a newer charlm (checkpoint format {version}, this charlm reads "
+            f"up to {VERSION}); upgrade charlm"
+        )
+    try:
+        ck = Checkpoint.from_dict(_upgrade(obj), str(path))
+    except (KeyError, TypeError) as exc:
+        raise CharLMError(f"{path}: incomplete charlm checkpoint (missing or malformed {exc})") from None
+    ck.file_version = version
+    _check_finite(ck, path)
+    return ck
+
+
+def _check_finite(ck: Checkpoint, path: Path) -> None:
+    """Refuse weights that are not finite numbers (a run saved after it diverged): they sample
+    nothing, score NaN and would resume into NaN."""
+    for name, t in [*ck.model.items(), *(ck.live or {}).items()]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CharLMError(f"{path}: its weights are not finite numbers (NaN or infinite, in {name}): "
+                              "it was saved after training diverged and cannot be used; train again "
+                              "with a lower --lr")
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise CharLMError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise CharLMError(f"{path}: is a folder, not a checkpoint file")
+    # Open it here: an OSError from opening is a real read problem, while torch.load raises
+    # OSError(EINVAL) for a truncated file (a seek past the end), which is corruption.
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise CharLMError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y": a pickled object that
+        # weights_only refused. Garbage bytes fail too ("Unsupported operand N"): not unsafe.
+        if "unsupported global" in str(exc).lower():
+            raise CharLMError(
+                f"{path}: refused: it holds pickled Python objects, which charlm never loads "
+                "(only tensors and plain values)"
+            ) from None
+        raise CharLMError(f"{path}: not a checkpoint (corrupt or not a PyTorch file)") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError):
+        raise CharLMError(f"{path}: corrupt or truncated checkpoint") from None
+    except Exception:
+        raise CharLMError(f"{path}: not a checkpoint (corrupt or not a PyTorch file)") from None
+
+
+def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older format up to `VERSION`, one version at a time."""
+    if obj["version"] == 1:
+        obj = _v1_to_v2(obj)
+    if obj["version"] == 2:
+        # 3 added three groups; runs before it started from scratch, unplanned, without --ema.
+        obj = {**obj, "version": 3, "init": {}, "planner": None, "live": None}
+    if obj["version"] == 3:
+        # 4 counts every second a budget spent; before it only training steps were counted.
+        obj = {**obj, "version": 4, "plan": {**obj["plan"], "spent": obj["progress"]["elapsed"]}}
+    return obj
+
+
+def _v1_to_v2(old: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 was one flat dict; its config kept the session settings under [train]."""
+    window = old.get("loss_window", [0.0, 0])
+    ranks = old.get("ranks") or [{"rng": old["rng"], "loss_window": window}]
+    return {
+        "format": FORMAT, "version": 2, "model": old["model"], "vocab": old["vocab"],
+        "config": RunConfig.from_dict(old["config"]).to_dict(),  # moves [train] budgets to [session]
+        "corpus": old["corpus"], "optimizer": old.get("optimizer", {}), "scaler": old.get("scaler", {}),
+        "progress": {"step": old["step"], "chars_seen": old.get("chars_seen", 0),
+                     "elapsed": old.get("elapsed", 0.0), "best_val_bpc": old.get("best_val_bpc"),
+                     "last_val_bpc": old.get("last_val_bpc"), "loss_window": window,
+                     "data": old.get("data", {"pos": 0, "epoch": 0})},
+        "plan": {"total_steps": old.get("total_steps"), "steps_fixed": old.get("plan_final", False),
+                 "sec_per_step": old.get("sec_per_step"), "eval_seconds": old.get("eval_seconds")},
+        "hidden": old.get("hidden", []),
+        "ranks": [{"rng": r["rng"], "loss_window": r["loss_window"],
+                   "weights_sha256": r.get("weights_sha256")} for r in ranks],
+        "trained_on": {"device": old.get("device", "cpu"), "precision": old.get("precision", "fp32"),
+                       "world_size": old.get("world_size", 1)},
+    }
+
+
+# --- what differs between processes ------------------------------------------------------------
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """Every RNG state training draws from (dropout masks, Python's random)."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _as_tuple(value: Any) -> Any:
+    """Python's RNG state comes back from a checkpoint with lists where tuples were."""
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the weights' bytes: equal on every rank, or the ranks have drifted apart."""
+    digest = hashlib.sha256()
+    for t in weights.values():
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def merge_ranks(ranks: list[tuple[RankState, list[torch.Tensor]]], step: int
+                ) -> tuple[list[RankState], list[torch.Tensor], list[float]]:
+    """Every process's state and hidden rows (in rank order) as one checkpoint's: the ranks,
+    one hidden state for all streams, and the loss window as one process would hold it."""
+    digests = {r.weights_sha256 for r, _ in ranks}
+    if len(digests) > 1:
+        raise CharLMError(f"the {len(ranks)} processes' weights differ at step {step}; "
+                          "not saving a checkpoint that only one of them would match")
+    # Rank r's streams follow rank r-1's, as in the data.
+    hidden = ([torch.cat(parts, dim=1) for parts in zip(*(h for _, h in ranks), strict=True)]
+              if all(h for _, h in ranks) else [])
+    world = len(ranks)
+    window = [sum(r.loss_window[0] for r, _ in ranks) / world, ranks[0][0].loss_window[1]]
+    return [r for r, _ in ranks], hidden, window
+
+
+def own_rank_state(ck: Checkpoint, rank: int, world_size: int) -> RankState | None:
+    """This process's saved RNG and loss window: its own when the process count is the same,
+    rank 0's in a single process; None for an extra process of a larger launch (it starts
+    fresh, distinct dropout streams)."""
+    if len(ck.ranks) == world_size > 1:
+        return ck.ranks[rank]
+    if rank == 0:
+        return RankState(ck.ranks[0].rng, list(ck.progress.loss_window))
+    return None

@@ -1,0 +1,225 @@
+"""The planner: corpus size x measured speed x budget -> the model and the recipe.
+
+Before a run, charlm knows how much text it has and how long it may train. A short probe on
+this machine and device tells how many characters per second each candidate shape trains;
+from these the planner predicts how many characters the budget buys and how many passes over
+the text that is (E = characters / training characters), and chooses by a rule fitted to
+the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
+
+- width (a 2-layer LSTM), the wider of two: the widest whose run still takes `MIN_STEPS`
+  optimizer steps (a wider one learns more per step but takes fewer of them, and below that
+  many it is not trained enough to be worth its size), and the narrowest whose run sees its
+  text at most `MAX_PASSES` times (a narrow network that reads a short text over and over
+  learns less from it than a wider one that reads it fewer times), as long as that one still
+  takes `FEWEST_STEPS`. On a big corpus the first decides (the budget is the limit), on a
+  small one the second (the text is). On a CPU no wider than 512 (`CPU_WIDTHS`);
+- dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
+  more times) it grows with the logarithm of the excess (`dropout_for`);
+- an average of the weights (`--ema`) over a share of the run that grows with the passes
+  (`ema_for`): it scores better than the live weights in every panel cell;
+- learning rate: the defaults' rate at width 256, scaled by (256 / width) ** 0.5;
+- fine-tuning (`--init-from`): the shape is the base model's, the learning rate a tenth;
+- `--patience`: a run that will read its text more than `MAX_PASSES` times (or fine-tunes)
+  stops once held-out bpc has not improved for `PATIENCE` evaluations;
+- the batch layout: 32 streams x 32 characters on a CPU, where small batches train as fast
+  per character as big ones and give more updates; on a GPU, which needs big batches to be
+  fast, 128 x 128.
+
+A step budget (`--max-steps`, or none: the default step count) fixes the characters but not
+the time, so it keeps the configured width and plans the rest. Whatever the user set (a flag
+or --config) is kept; the planner fills in the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from charlm.config.run import DEFAULT_MAX_STEPS, ModelConfig, RunConfig
+from charlm.model.size import parameter_count
+from charlm.training.budget import steps_in
+
+WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the widths a GPU may get
+# On a CPU, at most 512: the widest the panel measured. A 2x1024 LSTM the planner chose for a
+# 30-minute run (lr 0.005, bf16) stalled at 2.2 bpc after 2,800 steps, where 2x384 reaches 1.6.
+CPU_WIDTHS = WIDTHS[:WIDTHS.index(512) + 1]
+MIN_STEPS = 4000  # a width is worth its size when its run takes at least this many steps ...
+MAX_PASSES = 5.0  # ... or when a narrower one would read the text more than this many times,
+FEWEST_STEPS = 1000  # ... as long as it still takes this many
+DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / MAX_PASSES) beyond it ...
+MIN_DROPOUT, MAX_DROPOUT = 0.05, 0.4  # ... from this (less is not worth what it costs) up to this
+BASE_LR, BASE_WIDTH = 1e-2, 256
+FINETUNE_LR_SCALE = 0.1  # fine-tuning: a tenth of the from-scratch rate (benchmarks/finetune.py)
+PATIENCE = 5  # evaluations without a better held-out bpc before a run that overfits stops
+EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
+PROBE_TIMED_STEPS = 5  # steps of each shape the probe times (after the untimed warm-up steps)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the speed of a training step depends on."""
+
+    hidden_size: int = 256
+    num_layers: int = 2
+    embedding_size: int = 64
+    batch_size: int = 32
+    seq_len: int = 32
+    dropout: float = 0.0
+    cell: str = "lstm"
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Shape:
+        m, t = cfg.model, cfg.train
+        return cls(m.hidden_size, m.num_layers, m.embedding_size, t.batch_size, t.seq_len, m.dropout, m.cell)
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def params(self, vocab_size: int) -> int:
+        """Parameters of the CharRNN of this shape."""
+        model = ModelConfig(self.cell, self.num_layers, self.hidden_size, self.embedding_size, self.dropout)
+        return parameter_count(model, vocab_size)
+
+
+@dataclass
+class Plan:
+    """The planner's choice and why."""
+
+    settings: dict[str, Any]  # config fields the planner filled (never one the user set)
+    shape: Shape
+    chars_per_s: float  # of the chosen shape, measured or predicted from the probes
+    chars: float  # characters the budget buys
+    passes: float
+    params: int
+    why: list[str] = field(default_factory=list)
+    probe_seconds: dict[str, float] = field(default_factory=dict)  # shape -> time its probe took
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the plan (plain values)."""
+        return {"summary": self.summary(), "why": list(self.why), "settings": dict(self.settings),
+                "chars_per_s": self.chars_per_s, "chars": self.chars, "passes": self.passes,
+                "params": self.params}
+
+    def toml_comment(self) -> str:
+        """The plan as comments for the run's config.toml."""
+        return "".join(f"# {line}\n" for line in [self.summary(), *self.why])
+
+    def summary(self) -> str:
+        s = self.shape
+        return (f"plan: {s.num_layers}x{s.hidden_size} {s.cell.upper()}, {self.params:,} parameters, "
+                f"dropout {s.dropout:g}, batch {s.batch_size}x{s.seq_len}, lr {self.settings.get('lr', '-')}; "
+                f"{self.chars_per_s:,.0f} chars/s -> {self.chars:,.0f} chars, {self.passes:.1f} passes")
+
+
+def dropout_for(passes: float) -> float:
+    """Dropout for a run that sees its text `passes` times."""
+    dropout = DROPOUT_PER_LOG_PASS * math.log(max(passes, 1e-9) / MAX_PASSES)
+    return 0.0 if dropout < MIN_DROPOUT else round(min(MAX_DROPOUT, dropout), 2)
+
+
+def ema_for(steps: float, passes: float) -> float:
+    """Decay of the weight average for a run of `steps` that sees its text `passes` times.
+
+    Its window (1 / (1 - decay)) spans a share of the run that grows with the passes: while
+    the model still improves fast (few passes) a long average would lag behind it; once it
+    sees the text many times, averaging over a quarter of the run smooths out the noise of
+    overfitting (benchmarks/averaging.py)."""
+    share = min(EMA_MAX_SHARE, max(EMA_MIN_SHARE, EMA_SHARE_PER_PASS * passes))
+    return round(1 - 1 / max(10.0, share * steps), 5)
+
+
+def lr_for(width: int) -> float:
+    return round(BASE_LR * math.sqrt(BASE_WIDTH / width), 5)
+
+
+def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: int, vocab_size: int,
+              time_cap: float | None, max_steps: int | None, speed: Callable[[Shape], float],
+              device_type: str, fine_tuning: bool = False) -> Plan:
+    """Choose the fields of `cfg` not in `explicit` for a budget of `time_cap` seconds or
+    `max_steps` steps (neither: the default step count), for a corpus of `train_chars`
+    training and `val_chars` held-out characters, with `speed(shape)` the chars/s of a shape
+    on this machine (only asked when there is a time budget)."""
+    base = Shape.of(cfg)
+    if "batch_size" not in explicit and "seq_len" not in explicit and device_type == "cuda":
+        base = replace(base, batch_size=128, seq_len=128)
+    timed: dict[str, float] = {}  # seconds spent measuring each shape
+    speeds: dict[str, float] = {}  # each shape is measured once: one plan, one speed per shape
+
+    scored = cfg.train.scored_chars(val_chars)
+
+    def chars_of(shape: Shape) -> tuple[float, float]:
+        """(chars/s or 0, chars the budget buys) for a shape: `--time` plans its steps with the
+        speed the probe measures, evaluations included, as training itself does."""
+        per_batch = shape.batch_size * shape.seq_len
+        if time_cap is None:
+            return 0.0, float((max_steps or DEFAULT_MAX_STEPS) * per_batch)
+        name = _name(shape)
+        if name not in speeds:
+            t0 = time.perf_counter()
+            speeds[name] = speed(shape)
+            timed[name] = time.perf_counter() - t0
+        cps = speeds[name]
+        return cps, float(steps_in(time_cap, per_batch / cps, per_batch, scored, cfg.session.eval_interval) * per_batch)
+
+    why: list[str] = []
+    chosen = base
+    if time_cap is not None and "hidden_size" not in explicit:
+        widths = WIDTHS if device_type == "cuda" else CPU_WIDTHS
+        chosen = _choose_width(base, train_chars, chars_of, why, widths)
+    settings: dict[str, Any] = {}
+    if chosen.hidden_size != cfg.model.hidden_size:
+        settings["hidden_size"] = chosen.hidden_size
+    if "batch_size" not in explicit and base.batch_size != cfg.train.batch_size:
+        settings["batch_size"], settings["seq_len"] = base.batch_size, base.seq_len
+    cps, chars = chars_of(chosen)
+    passes = chars / max(1, train_chars)
+    if "dropout" not in explicit:
+        dropout = dropout_for(passes)
+        chosen = replace(chosen, dropout=dropout)
+        settings["dropout"] = dropout
+        if dropout and time_cap is not None:  # dropout costs time: plan with its own speed
+            cps, chars = chars_of(chosen)
+            passes = chars / max(1, train_chars)
+    if "lr" not in explicit:
+        # A trained model fine-tuned at a from-scratch rate forgets what it knew.
+        settings["lr"] = round(lr_for(chosen.hidden_size) * (FINETUNE_LR_SCALE if fine_tuning else 1), 6)
+    if "patience" not in explicit and (fine_tuning or passes > MAX_PASSES):
+        # The text will be read more often than it pays: stop once held-out bpc stops improving.
+        settings["patience"] = PATIENCE
+    if "ema" not in explicit:
+        settings["ema"] = ema_for(chars / (chosen.batch_size * chosen.seq_len), passes)
+    why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
+    return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
+
+
+def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
+                  why: list[str], widths: tuple[int, ...]) -> Shape:
+    """The wider of: the widest width whose run takes MIN_STEPS steps, and the narrowest whose
+    run reads the text at most MAX_PASSES times (narrow to wide; a wider width only takes
+    fewer steps and reads the text fewer times, so the search stops once both are settled)."""
+    by_steps, by_passes, trainable = widths[0], None, widths[0]
+    for width in widths:
+        shape = replace(base, hidden_size=width, dropout=0.0)
+        chars = chars_of(shape)[1]
+        steps, passes = chars / (shape.batch_size * shape.seq_len), chars / max(1, train_chars)
+        if steps < FEWEST_STEPS:
+            break  # too few steps to train this width (or any wider one) at all
+        trainable = width
+        if steps >= MIN_STEPS:
+            by_steps = width
+        if by_passes is None and passes <= MAX_PASSES:
+            by_passes = width
+        if by_passes is not None and steps < MIN_STEPS:
+            break
+    chosen = max(by_steps, by_passes or trainable)  # no width reads it few enough times: the widest
+    few = (f"{by_passes} units: the narrowest" if by_passes else f"none up to {trainable} units is")
+    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps; {few} reading the text at most "
+               f"{MAX_PASSES:g} times")
+    return replace(base, hidden_size=chosen)
+
+
+def _name(shape: Shape) -> str:
+    return f"{shape.num_layers}x{shape.hidden_size} d{shape.dropout:g} b{shape.batch_size}x{shape.seq_len}"
