@@ -8,7 +8,7 @@ batcher) on random ids, takes two real training steps (the second holds AdamW's 
 well as the activations) and serializes a checkpoint as a save does; `measured` is its peak
 RSS (`ru_maxrss`) minus its RSS before the trainer was built. CPU only (on CUDA the estimate is compared with
 `torch.cuda.mem_get_info`, which this script does not measure). In the same process, the
-size of the checkpoint after those steps against `diskspace.checkpoint_bytes`.
+size of the checkpoint after those steps against `charlm.storage.checkpoint.checkpoint_bytes`.
 
 Prints one JSON object: {"machine": ..., "memory": [one row per shape]}.
 """

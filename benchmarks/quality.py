@@ -286,7 +286,9 @@ def planner_job(work: Path, cell: str) -> dict[str, Any]:
         probe_s += (PROBE_TIMED_STEPS + UNTIMED_STEPS) * shape.batch_size * shape.seq_len / cps
         return cps
 
-    plan = make_plan(RunConfig(), set(), train_chars, val_chars, 96, BUDGETS[budget], None, speed, "cpu")
+    cfg = RunConfig()
+    cfg.session.time = f"{BUDGETS[budget]}s"
+    plan = make_plan(cfg, set(), train_chars, val_chars, 96, speed, "cpu")
     return schedule(work, cell, "planner", plan.settings, probe_s,
                     plan={"why": plan.why, "passes": round(plan.passes, 2), "probe_s": round(probe_s, 2)})
 

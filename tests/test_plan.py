@@ -32,8 +32,13 @@ def flops_speed(scale: float = 1.0):
 
 def plan(train_chars: int, seconds: float | None = None, steps: int | None = None, explicit: set[str] = frozenset(),
          device: str = "cpu", cfg: RunConfig | None = None, scale: float = 1.0):
-    return make_plan(cfg or RunConfig(), set(explicit), train_chars, held_out(train_chars), VOCAB, seconds, steps,
+    return make_plan(budgeted(seconds, steps, cfg), set(explicit), train_chars, held_out(train_chars), VOCAB,
                      flops_speed(scale), device)
+
+
+def budgeted(seconds: float | None = None, steps: int | None = None, cfg: RunConfig | None = None) -> RunConfig:
+    """`cfg` (the defaults) with a budget of `seconds` of --time or `steps` of --max-steps."""
+    return (cfg or RunConfig()).updated({"time": f"{seconds}s" if seconds else "", "max_steps": steps or 0})
 
 
 def held_out(train_chars: int) -> int:
@@ -72,7 +77,7 @@ def test_the_width_is_the_wider_of_the_steps_and_the_passes_rules():
         def speed(shape: Shape) -> float:  # chars/s that buy exactly steps[width] steps
             return (steps[shape.hidden_size] * slow + 0.5) * 1024 / (1000 * (1 - TIME_MARGIN))
 
-        return make_plan(RunConfig(), set(), train_chars, 2, VOCAB, 1000, None, speed, "cpu").shape.hidden_size
+        return make_plan(budgeted(1000), set(), train_chars, 2, VOCAB, speed, "cpu").shape.hidden_size
 
     # A billion characters: every width reads them under 5 times, so the steps decide: the
     # widest with 4,000 steps.
@@ -90,7 +95,7 @@ def test_the_width_is_the_wider_of_the_steps_and_the_passes_rules():
 def test_the_learning_rate_falls_with_the_square_root_of_the_width_and_fine_tuning_takes_a_tenth():
     assert (lr_for(64), lr_for(256), lr_for(1024)) == (0.02, 0.01, 0.005)
     scratch = plan(10**8, steps=5000, explicit={"hidden_size"})
-    tuned = make_plan(RunConfig(), {"hidden_size"}, 10**8, held_out(10**8), VOCAB, None, 5000, flops_speed(), "cpu",
+    tuned = make_plan(budgeted(steps=5000), {"hidden_size"}, 10**8, held_out(10**8), VOCAB, flops_speed(), "cpu",
                       fine_tuning=True)
     assert scratch.settings["lr"] == 0.01 and tuned.settings["lr"] == 0.001
     assert "lr" not in plan(10**8, steps=5000, explicit={"lr"}).settings
@@ -110,7 +115,7 @@ def test_the_average_spans_a_share_of_the_run_that_grows_with_the_passes():
 def test_patience_only_where_the_text_is_read_more_often_than_it_pays_or_when_fine_tuning():
     assert "patience" not in plan(10**8, steps=5000).settings  # 0.05 passes
     assert plan(100_000, steps=5000).settings["patience"] == PATIENCE  # 51 passes
-    tuned = make_plan(RunConfig(), set(), 10**8, held_out(10**8), VOCAB, None, 5000, flops_speed(), "cpu",
+    tuned = make_plan(budgeted(steps=5000), set(), 10**8, held_out(10**8), VOCAB, flops_speed(), "cpu",
                       fine_tuning=True)
     assert tuned.settings["patience"] == PATIENCE
     assert "patience" not in plan(100_000, steps=5000, explicit={"patience"}).settings
@@ -127,7 +132,7 @@ def test_a_step_budget_needs_no_speed():
     def no_speed(shape: Shape) -> float:
         raise AssertionError("a step budget must not measure speed")
 
-    p = make_plan(RunConfig(), set(), 2_000_000, held_out(2_000_000), VOCAB, None, 5000, no_speed, "cpu")
+    p = make_plan(budgeted(steps=5000), set(), 2_000_000, held_out(2_000_000), VOCAB, no_speed, "cpu")
     assert p.chars == 5000 * p.shape.batch_size * p.shape.seq_len and p.probe_seconds == {}
     assert p.shape.hidden_size == RunConfig().model.hidden_size  # steps fix the chars, not the time
 
@@ -231,7 +236,7 @@ def test_each_shape_is_measured_once_so_the_plan_uses_the_speed_it_chose_by():
         measured.append(((shape.hidden_size, shape.dropout), cps))
         return cps
 
-    p = make_plan(RunConfig(), set(), 2_000_000, held_out(2_000_000), VOCAB, 240, None, speed, "cpu")
+    p = make_plan(budgeted(240), set(), 2_000_000, held_out(2_000_000), VOCAB, speed, "cpu")
     shapes = [shape for shape, _ in measured]
     assert len(shapes) == len(set(shapes)) == len(p.probe_seconds)
     assert p.chars_per_s == dict(measured)[(p.shape.hidden_size, p.shape.dropout)]

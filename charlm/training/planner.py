@@ -78,6 +78,11 @@ class Shape:
     def settings(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def chars_per_batch(self) -> int:
+        """Characters a process trains on per step."""
+        return self.batch_size * self.seq_len
+
     def params(self, vocab_size: int) -> int:
         """Parameters of the CharRNN of this shape."""
         model = ModelConfig(self.cell, self.num_layers, self.hidden_size, self.embedding_size, self.dropout)
@@ -136,12 +141,12 @@ def lr_for(width: int) -> float:
 
 
 def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: int, vocab_size: int,
-              time_cap: float | None, max_steps: int | None, speed: Callable[[Shape], float],
-              device_type: str, fine_tuning: bool = False) -> Plan:
-    """Choose the fields of `cfg` not in `explicit` for a budget of `time_cap` seconds or
-    `max_steps` steps (neither: the default step count), for a corpus of `train_chars`
-    training and `val_chars` held-out characters, with `speed(shape)` the chars/s of a shape
-    on this machine (only asked when there is a time budget)."""
+              speed: Callable[[Shape], float], device_type: str, fine_tuning: bool = False) -> Plan:
+    """Choose the fields of `cfg` not in `explicit` for its budget (`--time` seconds or
+    `--max-steps`; neither: the default step count), for a corpus of `train_chars` training
+    and `val_chars` held-out characters, with `speed(shape)` the chars/s of a shape on this
+    machine (only asked when there is a time budget)."""
+    time_cap, max_steps = cfg.session.time_seconds(), cfg.session.max_steps or None
     base = Shape.of(cfg)
     if "batch_size" not in explicit and "seq_len" not in explicit and device_type == "cuda":
         base = replace(base, batch_size=128, seq_len=128)
@@ -153,7 +158,7 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
     def chars_of(shape: Shape) -> tuple[float, float]:
         """(chars/s or 0, chars the budget buys) for a shape: `--time` plans its steps with the
         speed the probe measures, evaluations included, as training itself does."""
-        per_batch = shape.batch_size * shape.seq_len
+        per_batch = shape.chars_per_batch
         if time_cap is None:
             return 0.0, float((max_steps or DEFAULT_MAX_STEPS) * per_batch)
         name = _name(shape)
@@ -190,7 +195,7 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
         # The text will be read more often than it pays: stop once held-out bpc stops improving.
         settings["patience"] = PATIENCE
     if "ema" not in explicit:
-        settings["ema"] = ema_for(chars / (chosen.batch_size * chosen.seq_len), passes)
+        settings["ema"] = ema_for(chars / chosen.chars_per_batch, passes)
     why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
     return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
 
@@ -204,7 +209,7 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
     for width in widths:
         shape = replace(base, hidden_size=width, dropout=0.0)
         chars = chars_of(shape)[1]
-        steps, passes = chars / (shape.batch_size * shape.seq_len), chars / max(1, train_chars)
+        steps, passes = chars / shape.chars_per_batch, chars / max(1, train_chars)
         if steps < FEWEST_STEPS:
             break  # too few steps to train this width (or any wider one) at all
         trainable = width

@@ -74,11 +74,10 @@ def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_si
         def speed(shape: Shape) -> float:
             # Every process trains its own batch: the run's speed is the world's.
             seconds = step_seconds(shape, vocab_size, PROBE_TIMED_STEPS, device, precision, clock=time.perf_counter)
-            return shape.batch_size * shape.seq_len * d.world_size / seconds
+            return shape.chars_per_batch * d.world_size / seconds
 
         held = split_data(data, cfg.train.val_fraction)
-        plan = make_plan(cfg, explicit, len(held.train), len(held.val), vocab_size, cfg.session.time_seconds(),
-                         cfg.session.max_steps or None, speed, device.type, fine_tuning)
+        plan = make_plan(cfg, explicit, len(held.train), len(held.val), vocab_size, speed, device.type, fine_tuning)
     plan = d.broadcast(plan)
     assert plan is not None
     return cfg.updated(plan.settings).validate(), plan
