@@ -7,8 +7,8 @@
     probe.py        measuring this machine's speed for the planner
     resuming.py     the rules of a resume, as a pure function of the checkpoint
     finetune.py     starting from another run's weights (--init-from)
-    preflight.py    the checks before a write: lock, disk space, memory
-    memory.py       the memory a run needs
+    preflight.py    the checks around a run's writes: the lock, disk space
+    memory.py       the memory a run needs, checked before anything is allocated
     divergence.py   when a step has diverged
     distributed.py  torchrun / DDP, and a no-op stand-in for one process
     events.py       what training reports (Callbacks) and returns (TrainResult)

@@ -49,10 +49,12 @@ import torch
 
 from charlm.config.options import flag
 from charlm.config.run import RunConfig
+from charlm.device import resolve_precision
 from charlm.errors import CharLMError
 from charlm.fs import human
 from charlm.model.size import parameter_count, state_values
 from charlm.storage.checkpoint import checkpoint_bytes
+from charlm.training.distributed import Dist
 
 SAVED = {"lstm": 8.0, "gru": 9.0, "rnn": 3.5}  # values per hidden unit and character, per layer
 SCRATCH = {"lstm": 9.0, "gru": 1.0, "rnn": 1.0}  # ... for the backward pass of one layer
@@ -148,6 +150,14 @@ def local_processes(device: torch.device) -> int:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     except ValueError:
         return 1
+
+
+def require(cfg: RunConfig, vocab_size: int, device: torch.device, d: Dist, resumed: bool) -> Estimate:
+    """What one process of the run needs, checked on every rank before the model exists (a
+    refusal on any rank stops them all)."""
+    need = estimate(cfg, vocab_size, resolve_precision(cfg.session.precision, device), d.world_size)
+    d.all_or_none(lambda: check(need, cfg, device, resumed))
+    return need
 
 
 def check(est: Estimate, cfg: RunConfig, device: torch.device, resumed: bool,

@@ -1,22 +1,18 @@
-"""Pre-flight checks: what a training session checks and prepares before it writes or
-allocates, the run folder's lock, the space on the disk and the memory the run needs (each
-refusal is one line, before anything is written or allocated)."""
+"""Pre-flight checks: what a training session checks and prepares around its writes, the run
+folder's lock and the space on the disk (each refusal is one line, before anything is
+written); the memory a run needs is `charlm.training.memory`'s."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-import torch
-
 from charlm.config.run import RunConfig, to_toml
-from charlm.device import resolve_precision
 from charlm.errors import CharLMError, CharLMWarning, WriteFailed
 from charlm.model.size import state_values
 from charlm.storage.checkpoint import checkpoint_bytes
 from charlm.storage.rundir import RunDir, space_warning
 from charlm.storage.runlock import RunLock
-from charlm.training import memory
 from charlm.training.distributed import Dist, world_size
 from charlm.training.trainer import Trainer
 
@@ -36,14 +32,6 @@ def prepare_new(run_dir: RunDir, config: str, force: bool, trainer: Trainer) -> 
     except WriteFailed as exc:
         raise WriteFailed(f"{exc}; nothing of this run was trained or saved", exc.path) from None
     warn_disk(trainer, existing=0)
-
-
-def check_memory(cfg: RunConfig, vocab_size: int, device: torch.device, d: Dist, resumed: bool
-                  ) -> memory.Estimate:
-    """Every rank's estimate, checked on every rank before the model exists (a refusal stops all)."""
-    need = memory.estimate(cfg, vocab_size, resolve_precision(cfg.session.precision, device), d.world_size)
-    d.all_or_none(lambda: memory.check(need, cfg, device, resumed))
-    return need
 
 
 def warn_disk(trainer: Trainer, existing: int) -> None:

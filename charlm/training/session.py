@@ -5,7 +5,7 @@ first write, prepares the run folder, builds a `Trainer`, plans its budget and r
 loop. It reports through `Callbacks` and stops cleanly when `pending_signal()` returns a
 signal number: the step finishes, `latest.pt` is saved, and `TrainingInterrupted` is raised.
 What a resume may change is `charlm.training.resuming`'s; what is checked around the writes
-(the lock, the disk, the memory), `charlm.training.preflight`'s.
+(the lock, the disk), `charlm.training.preflight`'s; the memory a run needs, `charlm.training.memory`'s.
 
 Launched by torchrun, every process calls these functions; they train one model together,
 and rank 0 alone reports and writes files. Bad input that one rank finds stops every rank.
@@ -86,12 +86,12 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
             # Before the planner's probe, which trains the shapes it tries: the settings the
             # user chose may already be impossible. A fine-tuned run's shape is its base's.
             chosen = (explicit or set()) | (set(SHAPE) if base else set())
-            need = preflight.check_memory(cfg, len(vocab), device, d, resumed=False)
+            need = memory.require(cfg, len(vocab), device, d, resumed=False)
             with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
                 cfg, plan = plan_run(cfg, chosen, data, len(vocab), device, d, fine_tuning=base is not None)
             callbacks.on_message(plan.summary())
         planning = clock() - started  # the probe is part of the budget
-        need = preflight.check_memory(cfg, len(vocab), device, d, resumed=False)
+        need = memory.require(cfg, len(vocab), device, d, resumed=False)
         with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
             init = init_record(cfg.train.init_from, base, corpus.vocab.chars, vocab) if base is not None else None
             trainer = Trainer(cfg, vocab, data, corpus.desc, run_dir, device, d,
@@ -161,7 +161,7 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
             vocab = Vocab(ck.vocab)  # the corpus's, merged with a fine-tuned run's base and markers
             cfg = rules.cfg
             data = training_data(corpus, vocab, cfg.train.records)
-            need = preflight.check_memory(cfg, len(vocab), device, d, resumed=True)
+            need = memory.require(cfg, len(vocab), device, d, resumed=True)
             with memory.out_of_memory_as_error(need, cfg, device, resumed=True):
                 trainer = Trainer(cfg, vocab, data, ck.corpus, run_dir, device, d)
                 trainer.load(ck, path)
