@@ -1,6 +1,6 @@
 """`charlm export --onnx`: the exported one-step model run by onnxruntime gives PyTorch's
-logits (1e-4, a few hundred steps, batch 1 and 3) for LSTM, GRU and RNN; the README's
-Python program, run exactly as written, prints `charlm sample --temperature 0`'s text;
+logits (1e-4, a few hundred steps, batch 1 and 3) for LSTM, GRU and RNN; the Python
+program in docs/commands.md, run exactly as written, prints `charlm sample --temperature 0`'s text;
 the vocabulary JSON; bad input is one line and exit 2.
 
 Three tiny two-layer checkpoints (one per cell) are trained and exported once for the module.
@@ -109,13 +109,13 @@ def test_start_id_is_the_samplers():
     assert start_id("abc") == 0  # no newline in the vocabulary: id 0
 
 
-# --- the README's program -------------------------------------------------------------------
+# --- the documented program (docs/commands.md) ----------------------------------------------
 
 
 def readme_program() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^### `charlm export.*?(?=^### |^## )", readme, re.DOTALL | re.MULTILINE)
-    assert section, "README has no charlm export section"
+    reference = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
+    section = re.search(r"^### `charlm export.*?(?=^### |^## )", reference, re.DOTALL | re.MULTILINE)
+    assert section, "docs/commands.md has no charlm export section"
     code = re.search(r"```python\n(.*?)```", section.group(0), re.DOTALL)
     assert code, "the charlm export section has no python block"
     return code.group(1)

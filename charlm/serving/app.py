@@ -213,7 +213,7 @@ class Server:
 
     async def generate(self, request: Request) -> Response:
         """Generate text: JSON {"text", "samples", "seed"}, or server-sent events when
-        "stream" is true (see docs/serve.md)."""
+        "stream" is true (docs/commands.md, `charlm serve`)."""
         try:
             req = GenerateRequest.model_validate_json(await request.body())
         except ValidationError as exc:

@@ -106,7 +106,7 @@ class Plan:
         """What a checkpoint keeps of the plan (plain values)."""
         return {"summary": self.summary(), "why": list(self.why), "settings": dict(self.settings),
                 "chars_per_s": self.chars_per_s, "chars": self.chars, "passes": self.passes,
-                "params": self.params}
+                "params": self.params, "probe_seconds": round(sum(self.probe_seconds.values()), 3)}
 
     def toml_comment(self) -> str:
         """The plan as comments for the run's config.toml."""
