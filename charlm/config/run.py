@@ -165,10 +165,15 @@ class RunConfig:
         return cfg
 
 
+def _by_section() -> dict[str, dict[str, Any]]:
+    """{section: {}} for every section: settings to be filled in."""
+    return {name: {} for name in SECTIONS}
+
+
 def sectioned(data: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
     """`data` as {section: {key: value}}, with session keys found under the older `[train]`
     placement moved to `[session]`; unknown sections and keys raise, naming them."""
-    out: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    out = _by_section()
     for section, values in data.items():
         if section not in SECTIONS or not isinstance(values, dict):
             raise CharLMError(f"{origin}: unknown section [{section}] (expected [model], [train] or [session])")
@@ -214,7 +219,7 @@ def section_of(key: str) -> str:
 
 def nest(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Flat settings ({key: value}; a `None` value is unset) in their sections."""
-    nested: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    nested = _by_section()
     for key, value in settings.items():
         if value is not None:
             nested[section_of(key)][key] = value
@@ -226,13 +231,12 @@ class Choices:
     """The settings the user chose, in a `--config` file and as flags ({section: {key: value}},
     flags over the file): the file is read once, here."""
 
-    values: dict[str, dict[str, Any]] = field(default_factory=lambda: {name: {} for name in SECTIONS})
+    values: dict[str, dict[str, Any]] = field(default_factory=_by_section)
 
     @classmethod
     def read(cls, config_file: Path | None, flags: dict[str, Any]) -> Choices:
         """The --config file (if any) and the flags that are set (`None`: not given)."""
-        values = sectioned(load_toml(config_file), str(config_file)) if config_file is not None else \
-            {name: {} for name in SECTIONS}
+        values = sectioned(load_toml(config_file), str(config_file)) if config_file is not None else _by_section()
         for section, set_here in nest(flags).items():
             values[section].update(set_here)
         return cls(values)
