@@ -81,8 +81,9 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
         vocab = model_vocab(enc.vocab.chars, cfg.train.records, base.vocab if base is not None else "")
         data = d.all_or_none(lambda: training_data(enc, vocab, cfg.train.records))
         plan: Plan | None = None
-        started = clock()
+        planning = 0.0  # seconds the planner's probe took: they are part of the budget
         if use_planner:
+            started = clock()
             # Before the planner's probe, which trains the shapes it tries: the settings the
             # user chose may already be impossible. A fine-tuned run's shape is its base's.
             chosen = (explicit or set()) | (set(SHAPE) if base else set())
@@ -90,7 +91,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
             with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
                 cfg, plan = plan_run(cfg, chosen, data, len(vocab), device, d, fine_tuning=base is not None)
             callbacks.on_message(plan.summary())
-        planning = clock() - started  # the probe is part of the budget
+            planning = clock() - started
         need = memory.require(cfg, len(vocab), device, d, resumed=False)
         with memory.out_of_memory_as_error(need, cfg, device, resumed=False):
             init = init_record(cfg.train.init_from, base, corpus.vocab.chars, vocab) if base is not None else None
