@@ -52,6 +52,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "fp32"
     if name == "fp16" and device.type == "cpu":
         raise CharLMError("--precision fp16: not supported for training on the CPU; use bf16 or fp32")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        # oneDNN has no bf16 recurrent kernels without AVX-512: training would stop in a traceback.
+        raise CharLMError("--precision bf16: this CPU has no bf16 kernels (oneDNN needs AVX-512 for them; native "
+                          "bf16 is AVX512-BF16 or AMX); use --precision fp32, or auto to take the fastest it has")
     return name
 
 

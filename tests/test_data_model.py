@@ -12,6 +12,7 @@ from conftest import TINY
 from charlm.cli import app
 from charlm.config.run import ModelConfig
 from charlm.data.streams import StreamBatcher, split, translate
+from charlm.device import cpu_has_fast_bf16
 from charlm.errors import CharLMError
 from charlm.model.network import CharRNN, detach_state, state_from_list, state_to_list
 from charlm.model.scoring import eval_rows
@@ -247,7 +248,8 @@ def test_other_cells_train_and_sample_through_cli(cell, runner, corpus_file, tmp
     assert len(res.stdout) == 31 and res.stdout.endswith("\n")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_fast_bf16(), reason="this CPU has no bf16 kernels (test_bf16_is_refused_where_the_cpu_has_none)"))])
 def test_training_scores_held_out_text_in_its_own_precision(precision, runner, corpus_file, tmp_path, monkeypatch):
     from charlm.model import scoring as evaluate_module
     from charlm.training import trainer as train
@@ -268,3 +270,23 @@ def test_training_scores_held_out_text_in_its_own_precision(precision, runner, c
     info = json.loads(runner.invoke(app, ["eval", str(tmp_path / "run" / "best.pt"), "--json"]).stdout)
     recorded = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_bpc"]
     assert info["bpc"] == pytest.approx(recorded, abs=0 if precision == "fp32" else 0.02)
+
+
+def test_bf16_is_refused_where_the_cpu_has_none(runner, corpus_file, tmp_path, monkeypatch):
+    """Without AVX-512, oneDNN has no bf16 recurrent kernels: one line and exit 2 before
+    anything is written, for a new run and for a resume (whose precision may change)."""
+    from conftest import one_line_error
+
+    from charlm import device
+
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(corpus_file), "--out", str(out), "--max-steps", "4", *TINY]).exit_code == 0
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    one_line_error(runner.invoke(app, ["train", str(corpus_file), "--out", str(tmp_path / "new"), "--precision",
+                                       "bf16", *TINY]), "--precision bf16: this CPU has no bf16 kernels", "fp32")
+    assert not (tmp_path / "new").exists()
+    one_line_error(runner.invoke(app, ["resume", str(out / "latest.pt"), "--max-steps", "8", "--precision", "bf16"]),
+                   "--precision bf16: this CPU has no bf16 kernels")
+    # auto takes fp32 there, and trains.
+    res = runner.invoke(app, ["resume", str(out / "latest.pt"), "--max-steps", "8", "--quiet"])
+    assert res.exit_code == 0, res.output

@@ -28,7 +28,7 @@ from charlm.data.cache import EncodedCorpus, encode_corpus, reopen_corpus
 from charlm.data.records import RecordSplit
 from charlm.data.streams import model_vocab, training_data
 from charlm.data.vocab import Vocab
-from charlm.device import resolve_device
+from charlm.device import resolve_device, resolve_precision
 from charlm.errors import CharLMError
 from charlm.storage import checkpoint as ckpt_io
 from charlm.storage.checkpoint import BudgetState
@@ -64,6 +64,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
     run_dir = RunDir(out_dir)
     lock = run_dir.lock(label=f"--out {run_dir.path}")
     device = resolve_device(cfg.session.device)
+    resolve_precision(cfg.session.precision, device)  # a precision this machine lacks is refused now
     d, device = from_env(device)
     trainer: Trainer | None = None
     try:
@@ -150,6 +151,7 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
         try:
             rules = resume_settings(ck, str(path), changes or {}, config_file, world_size(), _device_available)
             device = resolve_device(rules.cfg.session.device)
+            resolve_precision(rules.cfg.session.precision, device)
         except CharLMError as exc:
             refusal, device = refusal or exc, torch.device("cpu")
         d, device = from_env(device)

@@ -162,9 +162,10 @@ class Trainer:
         self.init = dict(ck.init)
         self.batcher.load_state_dict(ck.progress.data)
         d = self.dist
-        # This rank's rows of the run's hidden state (all of it in a single process).
-        rows = len(self.batcher.starts)
-        hidden = [t[:, rows * d.rank:rows * (d.rank + 1)].to(self.device) for t in ck.hidden]
+        # This rank's rows of the run's hidden state, in its saved dtype (exact resume), but
+        # never bf16 for an fp32 session (a bf16 run resumed on a CPU without bf16 kernels).
+        rows, dtype = len(self.batcher.starts), torch.float32 if self.precision == "fp32" else None
+        hidden = [t[:, rows * d.rank:rows * (d.rank + 1)].to(self.device, dtype) for t in ck.hidden]
         self.hidden = state_from_list(hidden, self.cfg.model.cell) if hidden else None
         own = own_rank_state(ck, d.rank, d.world_size)
         # RNG last: building the model drew random numbers for its initial weights.
