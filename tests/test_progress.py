@@ -39,6 +39,17 @@ def test_plain_log_lines_previews_and_summary(corpus_file, tmp_path):
         assert f"sample at temperature {t} ---" in text
     assert "charlm sample --checkpoint" in text and "charlm resume" in text
     assert "best val bpc" in text and "\r" not in text
+    [split] = [line for line in text.splitlines() if "in this session:" in line]
+    assert "s training (" in split and "s evaluating" in split and "s saving" in split
+    assert "planner" not in split  # no planner, no probe
+
+
+def test_the_closing_line_says_where_the_seconds_went():
+    from charlm.cli.progress import spent
+
+    seconds = {"training": 222.4, "evaluation": 9.6, "saving": 2.2, "planning": 5.8, "total": 240.0}
+    assert spent(seconds) == ("240s in this session: 222s training (93 %), 10s evaluating, 2s saving, "
+                              "6s measuring this machine for the planner")
 
 
 def test_log_says_once_that_encoding_started_and_then_that_the_cache_served(tmp_path):

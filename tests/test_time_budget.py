@@ -198,3 +198,24 @@ def test_resume_subtracts_every_second_a_planned_time_run_spent(corpus_file, tmp
     (out / "latest.pt").write_bytes((tmp_path / "run" / "latest.pt").read_bytes())
     session.resume(out / "latest.pt", {"time": "30s"}, clock=again.clock, callbacks=again.callbacks())
     assert again.caps[0] == pytest.approx(30.0)
+
+
+def test_a_session_says_where_its_seconds_went(corpus_file, tmp_path, monkeypatch):
+    from charlm.training import probe, session
+
+    fake = _FakeTime()
+
+    def timed_probe(*args, **kwargs):
+        fake.now += 7.0
+        return 0.01
+
+    monkeypatch.setattr(probe, "step_seconds", timed_probe)
+    cfg = tiny_config(time="100s", eval_interval=5, warmup_steps=0, keep=1)
+    explicit = {"hidden_size", "num_layers", "embedding_size", "batch_size", "seq_len", "dropout", "ema"}
+    result = session.fit(cfg, [str(corpus_file)], tmp_path / "run", clock=fake.clock, callbacks=fake.callbacks(),
+                         explicit=explicit)
+    split = result.seconds
+    assert split["planning"] >= 7.0 and split["planning"] % 7.0 == pytest.approx(0.0, abs=1e-9)
+    assert split["evaluation"] >= 5.0 * (result.step // 5)  # every evaluation's 5 s
+    assert split["total"] == pytest.approx(sum(v for k, v in split.items() if k != "total")) == pytest.approx(fake.now)
+    assert 0 < split["training"] < 0.2 * split["total"]  # 0.1 s steps against 5 s evaluations

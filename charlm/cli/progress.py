@@ -142,8 +142,10 @@ class Reporter(Callbacks):
             + (f" of {result.total_steps:,}" if result.total_steps else "")
             + f"; {result.chars_seen:,} chars seen in {result.elapsed:.0f}s of training; "
             f"best val bpc {best}",
-            f"charlm: checkpoints in {out}/ (latest.pt, best.pt)",
         ]
+        if result.seconds:
+            lines.append("charlm: " + spent(result.seconds))
+        lines.append(f"charlm: checkpoints in {out}/ (latest.pt, best.pt)")
         best_pt = out / "best.pt"
         sample_ckpt = best_pt if best_pt.exists() else out / "latest.pt"
         lines.append(f"  sample:  charlm sample --checkpoint {shlex.quote(str(sample_ckpt))} --temperature 0.5")
@@ -158,3 +160,14 @@ class Reporter(Callbacks):
             lines.append(f"  plot:    charlm plot {shlex.quote(str(out))}   (pip install 'charlm[plot]')")
         for line in lines:
             print(line, file=self.stream, flush=True)
+
+
+def spent(seconds: dict[str, float]) -> str:
+    """How a session's seconds were spent, for its closing lines."""
+    total = seconds["total"]
+    share = f" ({100 * seconds['training'] / total:.0f} %)" if total > 0 else ""
+    parts = [f"{seconds['training']:.0f}s training{share}", f"{seconds['evaluation']:.0f}s evaluating",
+             f"{seconds['saving']:.0f}s saving"]
+    if seconds["planning"]:
+        parts.append(f"{seconds['planning']:.0f}s measuring this machine for the planner")
+    return f"{total:.0f}s in this session: " + ", ".join(parts)

@@ -186,6 +186,18 @@ class RunDir:
             replace_file(self.metrics, "".join(line + "\n" for line in keep).encode("utf-8"))
 
 
+def left_to_resume(last_saved: tuple[Path, int] | None, written: list[str], step: int) -> str:
+    """What a session whose save failed leaves to continue from, for its message: the last
+    checkpoint it saved (and its step), or the files of the failed save (at `step`) written
+    before the failure."""
+    if last_saved is not None:
+        path, saved_at = last_saved
+        return f"{path} (step {saved_at}) is intact: free some space, then `charlm resume {path}`"
+    if written:  # the first save of the run got as far as best.pt
+        return f"only {written[0]} (step {step}) was saved: free some space, then `charlm resume {written[0]}`"
+    return "no checkpoint of this run was saved"
+
+
 def files_at_peak(keep: int) -> int:
     """Checkpoints a run holds at the peak of a save with `--keep keep`."""
     return keep + 2 + (2 if keep > 0 else 1)

@@ -69,6 +69,8 @@ class TimeBudget:
         self.clock = clock
         self.start = 0.0
         self._spent_before = state.spent
+        # This session's seconds by what they went to (the rest of them went to training).
+        self.split = {"planning": 0.0, "evaluation": 0.0, "saving": 0.0}
         self.session_steps = 0
         self.session_eval = 0.0  # evaluation seconds this session
         self._mark: tuple[float, float] | None = None  # (clock, session_eval) once timing starts
@@ -130,6 +132,17 @@ class TimeBudget:
         """One evaluation took `seconds` (scoring, saving, previews): the plan counts it."""
         self.state.eval_seconds = seconds
         self.session_eval += seconds
+
+    def spend(self, kind: str, seconds: float) -> None:
+        """Say what `seconds` of this session went to: "planning" (the planner's probe, before
+        the session's clock starts), "evaluation" or "saving"."""
+        self.split[kind] += seconds
+
+    def breakdown(self) -> dict[str, float]:
+        """This session's seconds by what they went to: training (the steps and the loop around
+        them), evaluation (scoring and previews), saving and planning, and their total."""
+        total = self.split["planning"] + self.clock() - self.start
+        return {"training": total - sum(self.split.values()), **self.split, "total": total}
 
     def steps_for(self, remaining: float, step: int) -> int:
         """The step count at which `remaining` seconds from `step` run out, evaluations included."""

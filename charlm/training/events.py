@@ -74,6 +74,8 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     plot: Path | None = None  # loss.png, when the CLI drew one
     stopped_early: bool = False  # --patience ended it: held-out bpc had stopped improving
+    # This session's seconds: training, evaluation, saving, planning and their total.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Callbacks:

@@ -108,6 +108,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
             d.all_or_none(lambda: preflight.prepare_new(run_dir, config, force, made) if d.is_main else None)
             budget = _budget(trainer, BudgetState(), cfg.session.time_seconds(), cfg.session.max_steps or None,
                              clock, spent=planning)
+            budget.spend("planning", planning)
             callbacks.on_start(start_info(trainer, budget, resumed=False))
             return trainer.loop(budget, callbacks, pending_signal)
     finally:

@@ -47,7 +47,7 @@ from charlm.storage.checkpoint import (
     serialize,
     weights_digest,
 )
-from charlm.storage.rundir import RunDir
+from charlm.storage.rundir import RunDir, left_to_resume
 from charlm.training import divergence
 from charlm.training.budget import Tick, TimeBudget, lr_at
 from charlm.training.distributed import Dist
@@ -199,11 +199,13 @@ class Trainer:
         """Write latest.pt (and best.pt / a step file), each atomically. Every rank calls this
         (it gathers their states); rank 0 alone writes, and a failed write stops every rank."""
         self._check_weights()
+        t0 = budget.clock()
         budget.note()
         ck = self.checkpoint(budget.state)
         step = self.progress.step if step_file else None
         targets = self.dist.all_or_none(lambda: self._write(ck, best, step))
         self.last_saved = (targets[-1], self.progress.step)
+        budget.spend("saving", budget.clock() - t0)
         return targets
 
     def _write(self, ck: Checkpoint | None, best: bool, step: int | None) -> list[Path]:
@@ -212,19 +214,8 @@ class Trainer:
         try:
             return self.run_dir.save(serialize(ck), best, step, self.cfg.session.keep)
         except WriteFailed as exc:
-            raise WriteFailed(f"{exc}; training stopped at step {self.progress.step}; {self.kept(exc.written)}",
-                              exc.path) from None
-
-    def kept(self, written: list[str]) -> str:
-        """What a session whose save failed leaves to continue from (`written`: the files of
-        that save written before the failure), for its message."""
-        if self.last_saved is not None:
-            path, step = self.last_saved
-            return f"{path} (step {step}) is intact: free some space, then `charlm resume {path}`"
-        if written:  # the first save of the run got as far as best.pt
-            return (f"only {written[0]} (step {self.progress.step}) was saved: free some space, then "
-                    f"`charlm resume {written[0]}`")
-        return "no checkpoint of this run was saved"
+            kept = left_to_resume(self.last_saved, exc.written, self.progress.step)
+            raise WriteFailed(f"{exc}; training stopped at step {self.progress.step}; {kept}", exc.path) from None
 
     def last_good(self) -> str | None:
         return None if self.last_saved is None else f"{self.last_saved[0]} (step {self.last_saved[1]})"
@@ -268,7 +259,8 @@ class Trainer:
             saved = self.save(budget, best=False, step_file=False)
         d.barrier()  # no rank returns (and reads a checkpoint) before rank 0 has written it
         return TrainResult(self.run_dir.path, p.step, budget.total_steps, p.chars_seen, p.elapsed,
-                           p.best_val_bpc, p.last_val_bpc, finished, saved, stopped_early=early)
+                           p.best_val_bpc, p.last_val_bpc, finished, saved, stopped_early=early,
+                           seconds=budget.breakdown())
 
     def _stop_check(self, budget: TimeBudget, pending_signal: PendingSignal,
                     callbacks: Callbacks) -> tuple[Tick, int]:
@@ -351,7 +343,7 @@ class Trainer:
     def _evaluate_and_save(self, budget: TimeBudget, callbacks: Callbacks) -> list[Path]:
         """Score the held-out text, save the checkpoints, log a metrics line, show previews."""
         p, d = self.progress, self.dist
-        t0 = budget.clock()
+        t0, saving = budget.clock(), budget.split["saving"]
         windows = d.gather(p.loss_window) or []
         val_bpc = 0.0
         if d.is_main:  # the others wait for the result (rank 0 scores the held-out text)
@@ -383,7 +375,9 @@ class Trainer:
             return saved
         callbacks.on_eval(record, self.previews())
         # What an evaluation costs the time budget: scoring, saving (fsync) and previews.
-        budget.evaluated(budget.clock() - t0)
+        took = budget.clock() - t0
+        budget.evaluated(took)
+        budget.spend("evaluation", took - (budget.split["saving"] - saving))
         return saved
 
     def _append_metrics(self, record: EvalRecord) -> None:
