@@ -92,6 +92,13 @@ def _corpus_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(autouse=True)
+def _speed_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's planner measures its own speeds (or is handed fake ones): a cache of
+    this test alone (charlm.training.probe)."""
+    monkeypatch.setenv("CHARLM_SPEEDS", str(tmp_path_factory.mktemp("speeds") / "speeds.json"))
+
+
+@pytest.fixture(autouse=True)
 def _restore_rng():
     """Training seeds the global RNGs; put them back so other tests see what they expect."""
     torch_rng, py_rng = torch.get_rng_state(), random.getstate()

@@ -269,3 +269,71 @@ def test_the_planner_plans_on_the_parts_the_trainer_trains_on_and_holds_out(reco
     probe.plan_run(cfg, set(TINY_SETTINGS), data, len(vocab), torch.device("cpu"))
     trainer = Trainer(cfg, vocab, data, corpus.desc, RunDir(tmp_path), torch.device("cpu"))
     assert (seen["train"], seen["val"]) == (len(trainer.split.train), len(trainer.split.val))
+
+
+def test_evaluations_take_a_small_share_of_a_timed_budget():
+    from charlm.training.planner import EVAL_SHARE, MIN_EVALS, eval_interval_for
+
+    # 26 ms steps, 0.88 s evaluations: every 1,128 steps keeps them at 3 % of 4 minutes ...
+    assert eval_interval_for(240, 0.026, 0.88, 200) == 1100
+    # ... but a 1-minute run still evaluates 5 times (every 461 steps), and a cheap evaluation
+    # never comes more often than the configured interval.
+    assert eval_interval_for(60, 0.026, 0.88, 200) == 460
+    assert eval_interval_for(240, 0.026, 0.01, 200) == 200
+    assert (EVAL_SHARE, MIN_EVALS) == (0.03, 5)
+    # The plan sets it for --time runs, and keeps the user's.
+    assert plan(10_000_000, 240).settings["eval_interval"] > 200
+    assert "eval_interval" not in plan(10_000_000, 240, explicit={"eval_interval"}).settings
+    assert "eval_interval" not in plan(10_000_000, steps=5000).settings
+
+
+def test_a_second_plan_on_the_same_machine_measures_nothing(corpus_file, tmp_path, monkeypatch):
+    """The probe's speeds are kept per machine and shape (speeds.json): a second plan reads
+    them, and a change of anything a step's speed depends on measures again."""
+    import json
+
+    import torch
+
+    from charlm.data.cache import encode_corpus
+    from charlm.data.streams import model_vocab, training_data
+    from charlm.training import probe
+
+    calls = []
+    real = probe.step_seconds
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "step_seconds", counted)
+    corpus = encode_corpus([str(corpus_file)])
+    vocab = model_vocab(corpus.vocab.chars)
+    data = training_data(corpus, vocab)
+    explicit = set(TINY_SETTINGS) - {"hidden_size"}  # the width is searched: several shapes
+
+    def planned(**settings):
+        cfg = tiny_config(time="60s", precision="fp32", **settings)
+        return probe.plan_run(cfg, explicit, data, len(vocab), torch.device("cpu"))[1]
+
+    first = planned()
+    measured = len(calls)
+    assert measured >= 2 and not any("from" in line and "speeds.json" in line for line in first.why)
+    second = planned()
+    assert len(calls) == measured  # nothing measured again
+    assert second.shape == first.shape and second.chars_per_s == first.chars_per_s
+    assert any(f"the speeds of {measured} shapes on this machine from" in line for line in second.why)
+    # Another thread count: measured anew.
+    torch.set_num_threads(torch.get_num_threads() + 1)
+    try:
+        planned()
+    finally:
+        torch.set_num_threads(torch.get_num_threads() - 1)
+    assert len(calls) > measured
+    # A damaged or foreign file is no entries (and is replaced).
+    path = probe.speeds_file()
+    path.write_text("{not json", encoding="utf-8")
+    before = len(calls)
+    planned()
+    assert len(calls) > before and json.loads(path.read_text())["format"] == probe.SPEEDS_FORMAT
+    assert all(probe.speed_key(Shape(hidden_size=h), 90, torch.device("cpu"), "fp32") !=
+               probe.speed_key(Shape(hidden_size=h), 91, torch.device("cpu"), "fp32") for h in (64, 128))

@@ -23,7 +23,10 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
   stops once held-out bpc has not improved for `PATIENCE` evaluations;
 - the batch layout: 32 streams x 32 characters on a CPU, where small batches train as fast
   per character as big ones and give more updates; on a GPU, which needs big batches to be
-  fast, 128 x 128.
+  fast, 128 x 128;
+- evaluations under `--time`: spaced so that they (scoring, saving, previews) take at most
+  `EVAL_SHARE` of the budget, as long as the run still evaluates `MIN_EVALS` times
+  (`eval_interval_for`): every 200 steps they took a sixth of a 4-minute run.
 
 A step budget (`--max-steps`, or none: the default step count) fixes the characters but not
 the time, so it keeps the configured width and plans the rest. Whatever the user set (a flag
@@ -40,7 +43,7 @@ from typing import Any
 
 from charlm.config.run import DEFAULT_MAX_STEPS, ModelConfig, RunConfig
 from charlm.model.size import parameter_count
-from charlm.training.budget import steps_in
+from charlm.training.budget import guess_eval_seconds, steps_in
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the widths a GPU may get
 # On a CPU, at most 512: the widest the panel measured. A 2x1024 LSTM the planner chose for a
@@ -56,6 +59,9 @@ FINETUNE_LR_SCALE = 0.1  # fine-tuning: a tenth of the from-scratch rate (benchm
 PATIENCE = 5  # evaluations without a better held-out bpc before a run that overfits stops
 EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
 PROBE_TIMED_STEPS = 5  # steps of each shape the probe times (after the untimed warm-up steps)
+# Evaluations (scoring, saving, previews) take at most this share of a --time budget ...
+EVAL_SHARE = 0.03
+MIN_EVALS = 5  # ... as long as a run still evaluates this many times
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,16 @@ def lr_for(width: int) -> float:
     return round(BASE_LR * math.sqrt(BASE_WIDTH / width), 5)
 
 
+def eval_interval_for(seconds: float, sec_per_step: float, eval_seconds: float, fewest: int) -> int:
+    """Steps between evaluations of a `seconds` run at `sec_per_step`, an evaluation taking
+    `eval_seconds`: as many steps as keep evaluations within `EVAL_SHARE` of the budget, but
+    no more than give the run `MIN_EVALS` of them, and never fewer than `fewest`. Two
+    significant digits (1,128 -> 1,100)."""
+    by_share = eval_seconds / (EVAL_SHARE * sec_per_step)
+    interval = max(float(fewest), min(by_share, seconds / sec_per_step / MIN_EVALS))
+    return max(fewest, int(float(f"{interval:.2g}")))
+
+
 def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: int, vocab_size: int,
               speed: Callable[[Shape], float], device_type: str, fine_tuning: bool = False) -> Plan:
     """Choose the fields of `cfg` not in `explicit` for its budget (`--time` seconds or
@@ -155,6 +171,15 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
 
     scored = cfg.train.scored_chars(val_chars)
 
+    def interval_of(shape: Shape, cps: float) -> int:
+        """Steps between a --time run's evaluations at this shape's speed (the budget's own
+        guess at an evaluation's cost), unless the user chose them."""
+        if time_cap is None or "eval_interval" in explicit:
+            return cfg.session.eval_interval
+        sec_per_step = shape.chars_per_batch / cps
+        eval_s = guess_eval_seconds(scored, shape.chars_per_batch)(sec_per_step)
+        return eval_interval_for(time_cap, sec_per_step, eval_s, cfg.session.eval_interval)
+
     def chars_of(shape: Shape) -> tuple[float, float]:
         """(chars/s or 0, chars the budget buys) for a shape: `--time` plans its steps with the
         speed the probe measures, evaluations included, as training itself does."""
@@ -167,7 +192,7 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
             speeds[name] = speed(shape)
             timed[name] = time.perf_counter() - t0
         cps = speeds[name]
-        return cps, float(steps_in(time_cap, per_batch / cps, per_batch, scored, cfg.session.eval_interval) * per_batch)
+        return cps, float(steps_in(time_cap, per_batch / cps, per_batch, scored, interval_of(shape, cps)) * per_batch)
 
     why: list[str] = []
     chosen = base
@@ -196,6 +221,8 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
         settings["patience"] = PATIENCE
     if "ema" not in explicit:
         settings["ema"] = ema_for(chars / chosen.chars_per_batch, passes)
+    if time_cap is not None and interval_of(chosen, cps) != cfg.session.eval_interval:
+        settings["eval_interval"] = interval_of(chosen, cps)
     why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
     return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
 

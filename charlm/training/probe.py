@@ -1,25 +1,35 @@
-"""Measuring this machine for the planner: the speed probe, and the plan made with it.
+"""Measuring this machine for the planner: the speed probe, its cache, and the plan made with it.
 
 The probe times the trainer's own step for each shape the planner asks about, on this
-device and precision (rank 0 under torchrun; every rank gets its plan).
+device and precision (rank 0 under torchrun; every rank gets its plan). What it measures is
+kept in `speeds.json` beside the corpus cache (or in $CHARLM_SPEEDS), keyed by everything a
+step's speed depends on (`speed_key`: the CPU's model and the instruction sets that pick its
+kernels, or the GPU; threads, PyTorch, precision, the shape and the vocabulary), so a second
+run on the same machine measures nothing: its seconds go to training.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import random
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from charlm.config.run import RunConfig
+from charlm.data.cache import default_cache_dir
 from charlm.data.records import RecordSet
 from charlm.data.streams import Ids, split_data
 from charlm.data.vocab import Vocab
 from charlm.device import resolve_precision
+from charlm.fs import write_atomic
 from charlm.storage.rundir import RunDir
 from charlm.training.budget import UNTIMED_STEPS, TimeBudget
 from charlm.training.distributed import Dist
@@ -62,6 +72,73 @@ def time_steps(trainer: Trainer, steps: int, clock: Callable[[], float] = time.p
     return times
 
 
+SPEEDS_ENV = "CHARLM_SPEEDS"
+SPEEDS_FORMAT = 1  # bump when the key or what is measured changes
+_KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what picks oneDNN's kernels
+
+
+def speeds_file() -> Path:
+    """$CHARLM_SPEEDS, else speeds.json in the corpus cache folder."""
+    return Path(os.environ[SPEEDS_ENV]).expanduser() if os.environ.get(SPEEDS_ENV) else \
+        default_cache_dir() / "speeds.json"
+
+
+def machine(device: torch.device) -> str:
+    """What a step's speed depends on besides the model: the GPU, or the CPU's model, the
+    instruction sets its kernels use and the threads; and PyTorch's version."""
+    if device.type == "cuda":
+        where = f"cuda {torch.cuda.get_device_name(device)}"
+    else:
+        model, flags = platform.processor() or platform.machine(), set()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+        except OSError:
+            pass
+        kernels = " ".join(f for f in _KERNEL_FLAGS if f in flags)
+        where = f"{device.type} {model} [{kernels}] threads={torch.get_num_threads()}"
+    return f"{where} torch={torch.__version__}"
+
+
+def speed_key(shape: Shape, vocab_size: int, device: torch.device, precision: str) -> str:
+    """The cache key of one shape's step time on this machine."""
+    s = shape
+    return (f"{machine(device)} {precision} {s.cell} {s.num_layers}x{s.hidden_size} e{s.embedding_size} "
+            f"d{s.dropout:g} b{s.batch_size}x{s.seq_len} v{vocab_size}")
+
+
+class SpeedCache:
+    """Seconds per step measured on this machine, by `speed_key`. A cache: a file that cannot
+    be read is no entries, one that cannot be written is not written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.hits = path, 0
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ok = isinstance(data, dict) and data.get("format") == SPEEDS_FORMAT and isinstance(data.get("speeds"), dict)
+            self.speeds: dict[str, float] = {k: float(v) for k, v in data["speeds"].items()} if ok else {}
+        except (OSError, ValueError, TypeError):
+            self.speeds = {}
+
+    def get(self, key: str) -> float | None:
+        seconds = self.speeds.get(key)
+        self.hits += seconds is not None
+        return seconds if seconds is not None and seconds > 0 else None
+
+    def put(self, key: str, seconds: float) -> None:
+        self.speeds[key] = seconds
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps({"format": SPEEDS_FORMAT, "speeds": self.speeds}, indent=1).encode())
+        except OSError:
+            pass  # it only saves a later run the measuring
+
+
 def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_size: int, device: torch.device,
              d: Dist | None = None, fine_tuning: bool = False) -> tuple[RunConfig, Plan]:
     """The planner's choice for this training data (as the run will split it), budget and
@@ -70,14 +147,22 @@ def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_si
     plan = None
     if d.is_main:
         precision = resolve_precision(cfg.session.precision, device)
+        cache = SpeedCache(speeds_file())
 
         def speed(shape: Shape) -> float:
+            key = speed_key(shape, vocab_size, device, precision)
+            seconds = cache.get(key)
+            if seconds is None:
+                seconds = step_seconds(shape, vocab_size, PROBE_TIMED_STEPS, device, precision, clock=time.perf_counter)
+                cache.put(key, seconds)
             # Every process trains its own batch: the run's speed is the world's.
-            seconds = step_seconds(shape, vocab_size, PROBE_TIMED_STEPS, device, precision, clock=time.perf_counter)
             return shape.chars_per_batch * d.world_size / seconds
 
         held = split_data(data, cfg.train.val_fraction)
         plan = make_plan(cfg, explicit, len(held.train), len(held.val), vocab_size, speed, device.type, fine_tuning)
+        if cache.hits:
+            plan.why.append(f"the speeds of {cache.hits} shape{'s' if cache.hits > 1 else ''} on this machine from "
+                            f"{cache.path} (delete it to measure again)")
     plan = d.broadcast(plan)
     assert plan is not None
     return cfg.updated(plan.settings).validate(), plan
