@@ -211,7 +211,9 @@ def test_a_session_says_where_its_seconds_went(corpus_file, tmp_path, monkeypatc
 
     monkeypatch.setattr(probe, "step_seconds", timed_probe)
     cfg = tiny_config(time="100s", eval_interval=5, warmup_steps=0, keep=1)
-    explicit = {"hidden_size", "num_layers", "embedding_size", "batch_size", "seq_len", "dropout", "ema"}
+    # --eval-interval given, so the planner does not space the evaluations by their share.
+    explicit = {"hidden_size", "num_layers", "embedding_size", "batch_size", "seq_len", "dropout", "ema",
+                "eval_interval"}
     result = session.fit(cfg, [str(corpus_file)], tmp_path / "run", clock=fake.clock, callbacks=fake.callbacks(),
                          explicit=explicit)
     split = result.seconds
