@@ -116,7 +116,8 @@ class SessionConfig:
     precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on a CPU with native bf16, else fp32).",
                          choices=PRECISIONS)
     compile: bool = opt(False, "Use torch.compile.")
-    eval_interval: int = opt(200, "Steps between evaluations and checkpoints.", at_least=1)
+    eval_interval: int = opt(200, "Steps between evaluations and checkpoints (a planned --time run spaces "
+                            "them wider, to take at most 3 % of its budget).", at_least=1)
     keep: int = opt(3, "Step-numbered checkpoints to keep (besides latest and best).", at_least=0)
     patience: int = opt(0, "Stop early once held-out bpc has not improved for this many evaluations "
                         "(0: train to the end).", at_least=0)
