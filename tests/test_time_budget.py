@@ -75,9 +75,18 @@ def test_budget_measures_plans_and_fixes_the_step_count_on_its_clock():
     t, state = {"now": 0.0}, BudgetState()
     steps, stopped = _run(_budget(t, state), lambda step: 0.01, t)
     assert state.sec_per_step == pytest.approx(0.01)
-    # Fixed at half the budget (step 500): the 5 s left, less the 3 % margin, at 0.01 s a step.
-    assert state.steps_fixed and state.total_steps == 500 + 485
-    assert steps == state.total_steps and not stopped and t["now"] == pytest.approx(9.85)
+    # Fixed at 90 % of the budget (step 900): the 1 s left, less the 3 % margin, at 0.01 s a step.
+    assert state.steps_fixed and state.total_steps == 900 + 97
+    assert steps == state.total_steps and not stopped and t["now"] == pytest.approx(9.97)
+
+
+def test_budget_whose_steps_speed_up_still_ends_with_its_budget():
+    # The first half's steps are 1.5x as slow as the second's (a machine whose load drifts):
+    # the plan follows the measurement until late, so the run does not end seconds early.
+    t, state = {"now": 0.0}, BudgetState()
+    steps, stopped = _run(_budget(t, state), lambda step: 0.012 if t["now"] < 5.0 else 0.008, t)
+    assert state.steps_fixed and not stopped and steps == state.total_steps
+    assert 9.7 < t["now"] <= 10.0
 
 
 def test_budget_clock_stops_a_fixed_plan_after_its_grace():
