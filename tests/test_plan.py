@@ -11,11 +11,13 @@ import json
 import tomllib
 
 import pytest
+import torch
 from conftest import TINY, TINY_SETTINGS, tiny_config, tiny_flags
 
 from charlm.cli import app
 from charlm.config.run import RunConfig, build_config
 from charlm.storage import checkpoint
+from charlm.training import probe, session
 from charlm.training.planner import CPU_WIDTHS, PATIENCE, WIDTHS, Shape, dropout_for, ema_for, lr_for, make_plan
 
 VOCAB = 90
@@ -337,3 +339,35 @@ def test_a_second_plan_on_the_same_machine_measures_nothing(corpus_file, tmp_pat
     assert len(calls) > before and json.loads(path.read_text())["format"] == probe.SPEEDS_FORMAT
     assert all(probe.speed_key(Shape(hidden_size=h), 90, torch.device("cpu"), "fp32") !=
                probe.speed_key(Shape(hidden_size=h), 91, torch.device("cpu"), "fp32") for h in (64, 128))
+
+
+def test_a_run_s_own_speed_replaces_the_probe_s_and_corrects_its_other_widths(tmp_path):
+    """The probe's few early steps are slow for every width alike: a run's measured seconds
+    per step settle its own shape and scale the probe's other entries of the machine by the
+    same ratio, once; another machine's entries are left alone."""
+    cache = probe.SpeedCache(tmp_path / "speeds.json")
+    here, there = "cpu X [avx2] threads=2 torch=2 bf16 ", "cpu Y [avx2] threads=2 torch=2 bf16 "
+    for key, seconds in ((here + "2x256", 0.04), (here + "2x384", 0.08), (there + "2x256", 0.04)):
+        cache.put(key, seconds)
+    cache.measured_by_run(here + "2x256", 0.02, here)  # the run was twice as fast as probed
+    again = probe.SpeedCache(tmp_path / "speeds.json")  # what the next run reads
+    assert again.speeds == {here + "2x256": 0.02, here + "2x384": pytest.approx(0.04), there + "2x256": 0.04}
+    # A second run's measurement settles its shape, and rescales nothing twice.
+    again.measured_by_run(here + "2x256", 0.03, here)
+    third = probe.SpeedCache(tmp_path / "speeds.json")
+    assert third.speeds[here + "2x256"] == 0.03 and third.speeds[here + "2x384"] == pytest.approx(0.04)
+    assert third.settled == {here + "2x256", here + "2x384"}
+
+
+def test_a_session_that_trained_long_enough_keeps_its_speed_for_the_next_plan(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "REMEMBER_AFTER_STEPS", 20)
+    cfg = tiny_config(max_steps=25, precision="fp32")
+    session.fit(cfg, [str(corpus_file)], tmp_path / "run")
+    ck = checkpoint.load(tmp_path / "run" / "latest.pt")
+    key = probe.speed_key(Shape.of(ck.config), len(ck.vocab), torch.device("cpu"), "fp32")
+    kept = probe.SpeedCache(probe.speeds_file())
+    assert key in kept.settled and 0 < kept.speeds[key] < 1
+    # Control: a session shorter than that keeps nothing.
+    probe.speeds_file().unlink()
+    session.fit(tiny_config(max_steps=10, precision="fp32"), [str(corpus_file)], tmp_path / "short")
+    assert not probe.speeds_file().exists()

@@ -5,7 +5,10 @@ device and precision (rank 0 under torchrun; every rank gets its plan). What it 
 kept in `speeds.json` beside the corpus cache (or in $CHARLM_SPEEDS), keyed by everything a
 step's speed depends on (`speed_key`: the CPU's model and the instruction sets that pick its
 kernels, or the GPU; threads, PyTorch, precision, the shape and the vocabulary), so a second
-run on the same machine measures nothing: its seconds go to training.
+run on the same machine measures nothing: its seconds go to training. A session that trains
+long enough writes what its own steps took over the probe's few (`remember_speed`): the
+probe's five steps can be off by half (measured on a 2-core EPYC: 59-73 ms a step for a
+2x384 LSTM the runs then trained at ~47 ms), and the planner's width rule is in steps.
 """
 
 from __future__ import annotations
@@ -106,24 +109,33 @@ def machine(device: torch.device) -> str:
 
 
 def speed_key(shape: Shape, vocab_size: int, device: torch.device, precision: str) -> str:
-    """The cache key of one shape's step time on this machine."""
+    """The cache key of one shape's step time on this machine (`speed_prefix` + the shape)."""
     s = shape
-    return (f"{machine(device)} {precision} {s.cell} {s.num_layers}x{s.hidden_size} e{s.embedding_size} "
+    return (f"{speed_prefix(device, precision)}{s.cell} {s.num_layers}x{s.hidden_size} e{s.embedding_size} "
             f"d{s.dropout:g} b{s.batch_size}x{s.seq_len} v{vocab_size}")
 
 
+def speed_prefix(device: torch.device, precision: str) -> str:
+    """What every key of this machine and precision starts with."""
+    return f"{machine(device)} {precision} "
+
+
 class SpeedCache:
-    """Seconds per step measured on this machine, by `speed_key`. A cache: a file that cannot
-    be read is no entries, one that cannot be written is not written."""
+    """Seconds per step measured on this machine, by `speed_key`, and which of them a run
+    measured over its own steps (the rest are the probe's). A cache: a file that cannot be
+    read is no entries, one that cannot be written is not written."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.hits = path, 0
+        self.speeds: dict[str, float] = {}
+        self.settled: set[str] = set()  # measured by a run, or corrected by one: never rescaled
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            ok = isinstance(data, dict) and data.get("format") == SPEEDS_FORMAT and isinstance(data.get("speeds"), dict)
-            self.speeds: dict[str, float] = {k: float(v) for k, v in data["speeds"].items()} if ok else {}
+            if isinstance(data, dict) and data.get("format") == SPEEDS_FORMAT and isinstance(data.get("speeds"), dict):
+                self.speeds = {k: float(v) for k, v in data["speeds"].items()}
+                self.settled = {str(k) for k in data.get("settled", [])} & self.speeds.keys()
         except (OSError, ValueError, TypeError):
-            self.speeds = {}
+            self.speeds, self.settled = {}, set()
 
     def get(self, key: str) -> float | None:
         seconds = self.speeds.get(key)
@@ -131,12 +143,48 @@ class SpeedCache:
         return seconds if seconds is not None and seconds > 0 else None
 
     def put(self, key: str, seconds: float) -> None:
+        """A probe's measurement."""
         self.speeds[key] = seconds
+        self._write()
+
+    def measured_by_run(self, key: str, seconds: float, prefix: str) -> None:
+        """A run's own seconds per step for `key`. Where the probe had measured that shape, its
+        other measurements of the machine (keys starting with `prefix`) are corrected by the
+        same ratio: the probe's few early steps are off for every width alike (slow by a third
+        in one first run, 10-20 % in others), and the planner compares widths by them."""
+        probed = self.speeds.get(key) if key not in self.settled else None
+        if probed:
+            ratio = seconds / probed
+            for other in [k for k in self.speeds if k.startswith(prefix) and k not in self.settled and k != key]:
+                self.speeds[other] *= ratio
+                self.settled.add(other)
+        self.speeds[key] = seconds
+        self.settled.add(key)
+        self._write()
+
+    def _write(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps({"format": SPEEDS_FORMAT, "speeds": self.speeds}, indent=1).encode())
+            payload = {"format": SPEEDS_FORMAT, "speeds": self.speeds, "settled": sorted(self.settled)}
+            write_atomic(self.path, json.dumps(payload, indent=1).encode())
         except OSError:
             pass  # it only saves a later run the measuring
+
+
+REMEMBER_AFTER_STEPS = 200  # a session's own speed replaces the probe's once it has this many steps
+
+
+def remember_speed(cfg: RunConfig, vocab_size: int, device: torch.device, sec_per_step: float | None,
+                   steps: int) -> bool:
+    """Keep the seconds per step a session measured over `steps` steps (evaluations left out)
+    as its shape's speed on this machine, for the planner of the next run; whether it did.
+    Rank 0 calls it: every process's step takes the same time."""
+    if sec_per_step is None or sec_per_step <= 0 or steps < REMEMBER_AFTER_STEPS:
+        return False
+    precision = resolve_precision(cfg.session.precision, device)
+    key = speed_key(Shape.of(cfg), vocab_size, device, precision)
+    SpeedCache(speeds_file()).measured_by_run(key, sec_per_step, speed_prefix(device, precision))
+    return True
 
 
 def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_size: int, device: torch.device,

@@ -39,7 +39,7 @@ from charlm.training.distributed import Dist, env_rank, from_env, world_size
 from charlm.training.events import Callbacks, StartInfo, TrainResult
 from charlm.training.finetune import SHAPE, adopt, describe, init_record, init_weights, load_base
 from charlm.training.planner import Plan
-from charlm.training.probe import plan_run
+from charlm.training.probe import plan_run, remember_speed
 from charlm.training.resuming import resume_settings
 from charlm.training.trainer import PendingSignal, Trainer
 
@@ -110,7 +110,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
                              clock, spent=planning)
             budget.spend("planning", planning)
             callbacks.on_start(start_info(trainer, budget, resumed=False))
-            return trainer.loop(budget, callbacks, pending_signal)
+            return _remembered(trainer.loop(budget, callbacks, pending_signal), trainer, budget)
     finally:
         _let_go(trainer, d)
         lock.release()
@@ -182,7 +182,7 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
                 callbacks.on_start(start_info(trainer, budget, resumed=True))
                 for note in rules.notes:
                     callbacks.on_message(note)
-                return trainer.loop(budget, callbacks, pending_signal)
+                return _remembered(trainer.loop(budget, callbacks, pending_signal), trainer, budget)
         finally:
             _let_go(trainer, d)
             d.close()
@@ -264,6 +264,14 @@ def start_info(trainer: Trainer, budget: TimeBudget, resumed: bool) -> StartInfo
                      val_chars=len(trainer.split.val), world_size=trainer.dist.world_size,
                      step=trainer.progress.step, total_steps=budget.total_steps, config=trainer.cfg,
                      corpus=trainer.corpus)
+
+
+def _remembered(result: TrainResult, trainer: Trainer, budget: TimeBudget) -> TrainResult:
+    """`result`, after the session's own speed is kept for the planner of the next run."""
+    if trainer.dist.is_main:
+        remember_speed(trainer.cfg, len(trainer.vocab), trainer.device, budget.state.sec_per_step,
+                       budget.session_steps)
+    return result
 
 
 def _let_go(trainer: Trainer | None, d: Dist) -> None:
