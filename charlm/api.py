@@ -80,6 +80,41 @@ class CharLM:
         (for a records model, the records that hold them). A records model reads the text as
         records and scores whole ones, their end markers included.
         """
+        ids, skipped, source, max_chars = self._scored_text(specs, encoding)
+        if isinstance(ids, RecordSet):
+            if not ids.count:
+                raise CharLMError("nothing to evaluate: no record with only known characters")
+            bpc, chars = evaluate_records(self.model, ids, self.device, max_chars=max_chars)
+        else:
+            if len(ids) < 2:
+                raise CharLMError("nothing to evaluate: fewer than 2 known characters")
+            bpc, chars = evaluate(self.model, ids, self.device, max_chars=max_chars)
+        return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
+                "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
+
+    def evaluate_dynamic(self, specs: list[str] | None = None, encoding: str | None = None,
+                         lr: float | None = None, decay: float | None = None) -> dict[str, Any]:
+        """Static and dynamic bits per character (`charlm.model.dynamic`) on CORPUS specs, or on
+        the run's own held-out part: its first part tunes the step size and decay (unless
+        given), the rest is scored both ways. The loaded model is not changed."""
+        from charlm.model.dynamic import dynamic_evaluate
+
+        ids, skipped, source, max_chars = self._scored_text(specs, encoding)
+        if isinstance(ids, RecordSet):
+            raise CharLMError("--dynamic reads a stream of text; this model was trained on records")
+        if max_chars and len(ids) > max_chars:
+            ids = ids[:max_chars]  # a long held-out text: its first eval_chars, read in order
+        r = dynamic_evaluate(self.model, ids, self.device, lr=lr, decay=decay)
+        return {"static_bpc": r.static_bpc, "dynamic_bpc": r.dynamic_bpc, "chars": r.chars,
+                "tune_chars": r.tune_chars, "lr": r.lr, "decay": r.decay, "segment": r.segment,
+                "seconds": round(r.seconds, 2), "skipped_chars": skipped, "corpus": source,
+                "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
+
+    def _scored_text(self, specs: list[str] | None,
+                     encoding: str | None) -> tuple[Array | RecordSet, int, list[str], int | None]:
+        """The text `evaluate` scores: CORPUS specs, or the run's held-out part; with the
+        characters (or records) left out for holding unknown characters, a description of
+        the source, and the cap on characters scored."""
         ids: Array | RecordSet
         if specs:
             corpus = encode_corpus(specs, encoding)
@@ -96,16 +131,7 @@ class CharLM:
             source = ["held-out part of " + ", ".join(corpus.desc["specs"])]
             # Scored as training scored it, so the number matches the run's val bpc.
             max_chars = self.config.train.eval_chars
-        if isinstance(ids, RecordSet):
-            if not ids.count:
-                raise CharLMError("nothing to evaluate: no record with only known characters")
-            bpc, chars = evaluate_records(self.model, ids, self.device, max_chars=max_chars)
-        else:
-            if len(ids) < 2:
-                raise CharLMError("nothing to evaluate: fewer than 2 known characters")
-            bpc, chars = evaluate(self.model, ids, self.device, max_chars=max_chars)
-        return {"bpc": bpc, "chars": chars, "skipped_chars": skipped, "corpus": source,
-                "checkpoint": str(self.path), "step": self.checkpoint.progress.step}
+        return ids, skipped, source, max_chars
 
     def run_split(self, corpus: EncodedCorpus) -> Split | RecordSplit:
         """The run's training and held-out parts of `corpus` (its own corpus), split as

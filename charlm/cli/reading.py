@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from charlm.cli.app import DEFAULT_OUT, CheckpointArg, DeviceOpt, EncodingOpt, JsonOpt, _table, app, err, handle_errors
+from charlm.errors import CharLMError
 
 
 @app.command("eval")
@@ -23,9 +24,43 @@ def eval_cmd(
     by_char: Annotated[bool, typer.Option(
         "--by-char", help="Print JSON with every character's bits: the text read as one sequence from a fresh "
         "state, as `charlm inspect` reads it (default text: the passage inspect shows).")] = False,
+    dynamic: Annotated[bool, typer.Option(
+        "--dynamic", help="Also score with dynamic evaluation: the model keeps learning from the text it "
+        "has read, one gradient step per 50 characters (Krause et al. 2018). The text's first quarter "
+        "(at most 20,000 characters) tunes the step size and decay; the rest is scored both ways.")] = False,
+    dynamic_lr: Annotated[Optional[float], typer.Option(
+        "--dynamic-lr", help="With --dynamic: this step size instead of the tuned one.", show_default=False,
+        min=0.0)] = None,
+    dynamic_decay: Annotated[Optional[float], typer.Option(
+        "--dynamic-decay", help="With --dynamic: this pull toward the trained weights instead of the tuned one.",
+        show_default=False, min=0.0, max=1.0)] = None,
 ) -> None:
     """Bits per character of a checkpoint on held-out text."""
     from charlm.api import load
+
+    if (dynamic_lr is not None or dynamic_decay is not None) and not dynamic:
+        raise CharLMError("--dynamic-lr and --dynamic-decay go with --dynamic")
+    if dynamic:
+        if by_char:
+            raise CharLMError("--dynamic and --by-char cannot be combined")
+        lm = load(checkpoint, device=device)
+        scored = lm.evaluate_dynamic(corpus, encoding, lr=dynamic_lr, decay=dynamic_decay)
+        if scored["skipped_chars"]:
+            err(f"charlm: warning: {scored['skipped_chars']} characters not in the vocabulary were "
+                "left out of the score")
+        if as_json:
+            print(json.dumps(scored))
+            return
+        gain = scored["static_bpc"] - scored["dynamic_bpc"]
+        print(_table([("static bpc", f"{scored['static_bpc']:.4f}"),
+                      ("dynamic bpc", f"{scored['dynamic_bpc']:.4f} ({gain:+.4f} better)" if gain >= 0
+                       else f"{scored['dynamic_bpc']:.4f} ({-gain:.4f} worse)"),
+                      ("chars scored", f"{scored['chars']:,} (after {scored['tune_chars']:,} that tuned it)"),
+                      ("step size, decay", f"{scored['lr']:g}, {scored['decay']:g} per {scored['segment']} chars"),
+                      ("time", f"{scored['seconds']:.1f} s"),
+                      ("corpus", ", ".join(scored["corpus"])),
+                      ("checkpoint", f"{scored['checkpoint']} (step {scored['step']:,})")]))
+        return
 
     if by_char:
         from charlm.analysis.inspection import by_char as per_char

@@ -55,6 +55,11 @@ class ModelConfig:
     hidden_size: int = opt(256, "Units per recurrent layer.", at_least=1)
     embedding_size: int = opt(64, "Character embedding size.", at_least=1)
     dropout: float = opt(0.0, "Dropout between layers and before the head.", at_least=0.0, below=1.0)
+    # AWD-LSTM's regularizers (charlm.model.network): the fused kernel still runs with them.
+    weight_drop: float = opt(0.0, "DropConnect on the recurrent (hidden-to-hidden) weights: a new mask each "
+                             "batch, the same at every time step (AWD-LSTM's weight drop).", at_least=0.0, below=1.0)
+    locked_dropout: float = opt(0.0, "Variational dropout: one mask per sequence, the same at every time step, "
+                                "on the inputs, between layers and before the head.", at_least=0.0, below=1.0)
 
 
 @dataclass
