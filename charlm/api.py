@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ class CharLM:
             raise CharLMError(f"{path}: weights do not match the checkpoint's own config") from None
         self.model.to(self.device).eval()
         self.sampler = Sampler(self.model, self.vocab, self.device)
+        self.adaptation: dict[str, Any] | None = None  # set on a copy made by `adapted`
 
     @property
     def records(self) -> str:
@@ -55,9 +59,30 @@ class CharLM:
         """Yield one character per sample per step, all samples generated as one batch. A
         records model generates whole records: each starts fresh (with the prime) and ends
         at its end marker, which is not yielded ("" once a record has ended)."""
+        if opts.adapt:
+            return self.adapted(opts.prime, opts.unknown).stream_batch(replace(opts, adapt=False))
         if self.records:
             return self.sampler.generate_records(opts)
         return self.sampler.generate_batch(opts)
+
+    def adapted(self, text: str, unknown: str = "error") -> CharLM:
+        """This model with a copy of its network adapted to `text` (a prime: `sample --adapt`),
+        by `charlm.model.dynamic.adapted`; a long text adapts on its last `ADAPT_MAX_CHARS`
+        characters. This model is not changed. `adaptation` on the copy says what was done:
+        characters read, of how many, passes and seconds."""
+        from charlm.model.dynamic import ADAPT_MAX_CHARS, ADAPT_PASSES, adapted
+
+        ids = self.sampler.prime_ids(text, unknown)
+        if len(ids) < 2:
+            raise CharLMError("--adapt: the prime needs at least 2 characters the model knows")
+        tail = ids[-ADAPT_MAX_CHARS:].numpy()
+        started = time.perf_counter()
+        net = adapted(self.model, tail, self.device)
+        other = copy.copy(self)
+        other.model, other.sampler = net, Sampler(net, self.vocab, self.device)
+        other.adaptation = {"chars": len(tail), "prime_chars": len(ids), "passes": ADAPT_PASSES,
+                            "seconds": round(time.perf_counter() - started, 3)}
+        return other
 
     def sample(self, **options: Any) -> str | list[str]:
         """Generated text (prime not included): a string, or a list when num_samples > 1."""

@@ -53,7 +53,8 @@ def test_commands_change_the_options():
     assert s.handle("/length").text == "/length 300"  # no value: show it
     assert s.describe() == "temperature 0.7, length 300, top-k 5, top-p 0.9, seed off"
     assert s.generation("abc") == {"length": 300, "temperature": 0.7, "top_k": 5, "top_p": 0.9,
-                                   "prime": "abc", "seed": None, "stop": "", "unknown": "skip", "num_samples": 1}
+                                   "prime": "abc", "seed": None, "stop": "", "unknown": "skip", "num_samples": 1,
+                                   "adapt": False}
 
 
 @pytest.mark.parametrize("line, message", [

@@ -333,7 +333,8 @@ def test_info_json(runner, trained_run):
     assert data["corpus"]["documents"] == 1 and data["corpus"]["chars"] == len(TEXT)
     assert len(data["corpus"]["sha256"]) == 64
     assert data["config"]["model"] == {"cell": "lstm", "num_layers": 1, "hidden_size": 32,
-                                       "embedding_size": 16, "dropout": 0.0}
+                                       "embedding_size": 16, "dropout": 0.0, "weight_drop": 0.0,
+                                       "locked_dropout": 0.0}
     assert data["config"]["train"]["seq_len"] == 16 and data["config"]["session"]["max_steps"] == RUN_STEPS
     res = invoke(runner, "info", trained_run / "latest.pt")
     assert res.exit_code == 0 and "parameters" in res.stdout and "model.hidden_size" in res.stdout

@@ -211,3 +211,39 @@ def test_eval_dynamic_on_the_command_line(runner, ckpt):
     res = runner.invoke(app, ["eval", str(ckpt), "--dynamic"])
     assert "dynamic bpc" in res.stdout and "static bpc" in res.stdout
     one_line_error(runner.invoke(app, ["eval", str(ckpt), "--dynamic-lr", "0.1"]), "--dynamic")
+
+
+STYLE = "on the hill the rain is gone, the sun is in the sea.\n"  # words and rhythm unlike the training text
+
+
+def test_adapting_to_a_prime_fits_its_style_and_leaves_the_loaded_model_bit_identical(lm):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    copy_of = lm.adapted(STYLE * 8)
+    assert copy_of.adaptation is not None and copy_of.adaptation["chars"] == len(STYLE) * 8
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())  # never changed
+    assert any(not torch.equal(before[k], v) for k, v in copy_of.model.state_dict().items())
+    # What the adapted copy learned: the style reads cheaper to it than to the loaded model.
+    ids = lm.vocab.encode(STYLE * 3).numpy()
+    adapted_bpc, loaded_bpc = (dynamic.static_bits(m, ids, lm.device)[0] for m in (copy_of.model, lm.model))
+    assert adapted_bpc < loaded_bpc - 0.1
+    # Sampling with --adapt through the API leaves the loaded model as it was, too.
+    lm.sample(prime=STYLE * 4, length=40, seed=1, adapt=True)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert lm.sample(prime=STYLE, length=40, seed=1, adapt=True) != lm.sample(prime=STYLE, length=40, seed=1)
+
+
+def test_sample_adapt_on_the_command_line(runner, ckpt, tmp_path):
+    prime = tmp_path / "poem.txt"
+    prime.write_text(STYLE * 4, encoding="utf-8")
+    res = runner.invoke(app, ["sample", "-c", str(ckpt), "--prime-file", str(prime), "--adapt", "-n", "30",
+                              "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(STYLE * 4) and len(res.stdout) >= len(STYLE) * 4 + 30
+    assert f"adapted a copy of the model to the prime's {len(STYLE) * 4:,} characters" in res.stderr
+    one_line_error(runner.invoke(app, ["sample", "-c", str(ckpt), "--adapt"]), "--adapt", "--prime")
+
+
+def test_a_long_prime_adapts_on_its_last_characters(lm, monkeypatch):
+    monkeypatch.setattr(dynamic, "ADAPT_MAX_CHARS", 300)
+    got = lm.adapted(STYLE * 20)
+    assert got.adaptation == {**got.adaptation, "chars": 300, "prime_chars": len(STYLE) * 20}

@@ -55,6 +55,13 @@ def sample(
             raise CharLMError(f"--prime-file {prime_file}: cannot read: {exc}") from None
     opts = SampleOptions(**options).check()
     model = load(checkpoint or default_checkpoint(), device=device)
+    if opts.adapt:
+        model = model.adapted(opts.prime, opts.unknown)
+        opts = replace(opts, adapt=False)
+        a = model.adaptation or {}
+        read = f"{a['chars']:,}" if a["chars"] == a["prime_chars"] else f"last {a['chars']:,} of {a['prime_chars']:,}"
+        err(f"charlm: adapted a copy of the model to the prime's {read} characters "
+            f"({a['passes']} passes, {a['seconds']:.1f} s)")
     # The index first: a missing or changed training text is reported before sampling.
     index = _novelty_index(model) if novelty else None
     ids = model.sampler.prime_ids(opts.prime, opts.unknown)

@@ -25,10 +25,15 @@ class SampleOptions:
     num_samples: int = opt(1, "Independent samples, generated as one batch.", at_least=1)
     unknown: str = opt("error", "Prime characters outside the vocabulary: error | skip.",
                        choices=("error", "skip"))
+    adapt: bool = opt(False, "First adapt a copy of the model to the prime (a few readings of it with "
+                      "dynamic evaluation's gradient steps), then generate with that copy; the checkpoint "
+                      "is not changed, and the model never adapts to its own output.")
 
     def check(self) -> SampleOptions:
         """Raise `CharLMError` naming every bad option."""
         validate(self)
+        if self.adapt and not self.prime:
+            raise CharLMError("--adapt: give a --prime (or --prime-file) for the model to adapt to")
         return self
 
 

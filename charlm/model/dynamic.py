@@ -39,6 +39,10 @@ EPS = 1e-5  # keeps the RMS-normalized step finite where a parameter's gradient 
 # decays of 3e-4 to 1e-3, within 0.001 bpc of each other; 3e-3 already diverges.
 LR_GRID = (3e-4, 6e-4, 1e-3, 1.5e-3)
 DECAY_GRID = (3e-4, 1e-3, 3e-3)
+# `sample --adapt`: a prime is a paragraph, not a corpus, so it is read a few times, at the
+# step size and decay that were best on State of the Union's held-out text.
+ADAPT_LR, ADAPT_DECAY, ADAPT_PASSES = 1e-3, 1e-3, 3
+ADAPT_MAX_CHARS = 20_000  # a longer prime adapts on its last this-many characters
 TUNE_FRACTION = 0.25  # of the text, at most TUNE_MAX_CHARS, tunes lr and decay
 TUNE_MAX_CHARS = 20_000
 MIN_CHARS = 2 * SEGMENT  # below this there is nothing to adapt to
@@ -81,8 +85,17 @@ def dynamic_bits(model: CharRNN, ids: np.ndarray, device: torch.device, rms: lis
     """Bits per character of `ids` read as one sequence by a copy of `model` that adapts after
     each segment (the characters after the first are scored), and how many were scored."""
     net = copy.deepcopy(model).to(device).eval()  # dropout off; the model handed in stays as it is
+    return _read_adapting(net, ids, device, rms, lr, decay, segment)
+
+
+def _read_adapting(net: CharRNN, ids: np.ndarray, device: torch.device, rms: list[torch.Tensor],
+                   lr: float, decay: float, segment: int,
+                   prior: list[torch.Tensor] | None = None) -> tuple[float, int]:
+    """Read `ids` with `net`, one step on each segment after scoring it (`net` changes; the
+    decay pulls toward `prior`, the trained weights, by default `net`'s own at the start);
+    the bits per character it scored and how many."""
     params = list(net.parameters())
-    prior = [p.detach().clone() for p in params]
+    prior = prior if prior is not None else [p.detach().clone() for p in params]
     mean_rms = torch.cat([r.flatten() for r in rms]).mean()
     rates = [(r / mean_rms).clamp(max=1.0 / decay) if decay else torch.zeros_like(r) for r in rms]
     bits = torch.zeros((), dtype=torch.float64, device=device)
@@ -100,6 +113,20 @@ def dynamic_bits(model: CharRNN, ids: np.ndarray, device: torch.device, rms: lis
                     p.sub_(lr * p.grad / (r + EPS))
                 p.add_(decay * rate * (p0 - p))
     return float(bits) / max(1, count), count
+
+
+def adapted(model: CharRNN, ids: np.ndarray, device: torch.device, lr: float = ADAPT_LR, decay: float = ADAPT_DECAY,
+            passes: int = ADAPT_PASSES, segment: int = SEGMENT) -> CharRNN:
+    """A copy of `model` adapted to the text `ids` (a prime): `passes` readings of it with
+    dynamic evaluation's steps, the gradients' RMS measured on the text itself. The copy is in
+    eval mode; `model` is not changed."""
+    rms = gradient_rms(model, ids, device, segment)
+    net = copy.deepcopy(model).to(device).eval()
+    trained = [p.detach().clone() for p in net.parameters()]
+    for _ in range(passes):
+        _read_adapting(net, ids, device, rms, lr, decay, segment, prior=trained)
+    net.zero_grad(set_to_none=True)
+    return net
 
 
 def tune(model: CharRNN, ids: np.ndarray, device: torch.device, rms: list[torch.Tensor],
