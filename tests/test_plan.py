@@ -15,7 +15,7 @@ import torch
 from conftest import TINY, TINY_SETTINGS, tiny_config, tiny_flags
 
 from charlm.cli import app
-from charlm.config.run import RunConfig, build_config
+from charlm.config.run import ModelConfig, RunConfig, build_config
 from charlm.storage import checkpoint
 from charlm.training import probe, session
 from charlm.training.planner import CPU_WIDTHS, PATIENCE, WIDTHS, Shape, dropout_for, ema_for, lr_for, make_plan
@@ -371,3 +371,12 @@ def test_a_session_that_trained_long_enough_keeps_its_speed_for_the_next_plan(co
     probe.speeds_file().unlink()
     session.fit(tiny_config(max_steps=10, precision="fp32"), [str(corpus_file)], tmp_path / "short")
     assert not probe.speeds_file().exists()
+
+
+def test_weight_drop_is_its_own_speed_and_off_keeps_the_old_keys():
+    cpu, shape = torch.device("cpu"), Shape(hidden_size=64)
+    plain = probe.speed_key(shape, 90, cpu, "fp32")
+    assert probe.speed_key(shape, 90, cpu, "fp32", ModelConfig()) == plain  # keys written before it exist
+    dropped = probe.speed_key(shape, 90, cpu, "fp32", ModelConfig(weight_drop=0.3))
+    assert dropped != plain and dropped.endswith(" wd0.3 ld0")
+    assert probe.speed_key(shape, 90, cpu, "fp32", ModelConfig(locked_dropout=0.1)) not in (plain, dropped)

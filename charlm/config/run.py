@@ -61,6 +61,10 @@ class ModelConfig:
     locked_dropout: float = opt(0.0, "Variational dropout: one mask per sequence, the same at every time step, "
                                 "on the inputs, between layers and before the head.", at_least=0.0, below=1.0)
 
+    def regularized(self) -> bool:
+        """Whether training runs weight drop or locked dropout (each layer in its own call)."""
+        return self.weight_drop > 0 or self.locked_dropout > 0
+
 
 @dataclass
 class TrainConfig:

@@ -53,7 +53,7 @@ class CharRNN(nn.Module):
     @property
     def regularized(self) -> bool:
         """Whether training runs weight drop or locked dropout (the layer-by-layer path)."""
-        return self.cfg.weight_drop > 0 or self.cfg.locked_dropout > 0
+        return self.cfg.regularized()
 
     def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         x = self.embed(idx)  # (B, T, E)

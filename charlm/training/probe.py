@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlm.config.run import RunConfig
+from charlm.config.run import ModelConfig, RunConfig
 from charlm.data.cache import default_cache_dir
 from charlm.data.records import RecordSet
 from charlm.data.streams import Ids, split_data
@@ -108,11 +108,15 @@ def machine(device: torch.device) -> str:
     return f"{where} torch={torch.__version__}"
 
 
-def speed_key(shape: Shape, vocab_size: int, device: torch.device, precision: str) -> str:
-    """The cache key of one shape's step time on this machine (`speed_prefix` + the shape)."""
+def speed_key(shape: Shape, vocab_size: int, device: torch.device, precision: str,
+              model: ModelConfig | None = None) -> str:
+    """The cache key of one shape's step time on this machine (`speed_prefix` + the shape),
+    with `model`'s weight drop and locked dropout where they are on: they train each layer
+    in its own call, another speed."""
     s = shape
+    regularized = f" wd{model.weight_drop:g} ld{model.locked_dropout:g}" if model and model.regularized() else ""
     return (f"{speed_prefix(device, precision)}{s.cell} {s.num_layers}x{s.hidden_size} e{s.embedding_size} "
-            f"d{s.dropout:g} b{s.batch_size}x{s.seq_len} v{vocab_size}")
+            f"d{s.dropout:g} b{s.batch_size}x{s.seq_len} v{vocab_size}{regularized}")
 
 
 def speed_prefix(device: torch.device, precision: str) -> str:
@@ -182,7 +186,7 @@ def remember_speed(cfg: RunConfig, vocab_size: int, device: torch.device, sec_pe
     if sec_per_step is None or sec_per_step <= 0 or steps < REMEMBER_AFTER_STEPS:
         return False
     precision = resolve_precision(cfg.session.precision, device)
-    key = speed_key(Shape.of(cfg), vocab_size, device, precision)
+    key = speed_key(Shape.of(cfg), vocab_size, device, precision, cfg.model)
     SpeedCache(speeds_file()).measured_by_run(key, sec_per_step, speed_prefix(device, precision))
     return True
 
@@ -196,12 +200,15 @@ def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_si
     if d.is_main:
         precision = resolve_precision(cfg.session.precision, device)
         cache = SpeedCache(speeds_file())
+        # The shapes are measured with the run's weight drop and locked dropout, if any.
+        regularizers = {"weight_drop": cfg.model.weight_drop, "locked_dropout": cfg.model.locked_dropout}
 
         def speed(shape: Shape) -> float:
-            key = speed_key(shape, vocab_size, device, precision)
+            key = speed_key(shape, vocab_size, device, precision, cfg.model)
             seconds = cache.get(key)
             if seconds is None:
-                seconds = step_seconds(shape, vocab_size, PROBE_TIMED_STEPS, device, precision, clock=time.perf_counter)
+                seconds = step_seconds(shape, vocab_size, PROBE_TIMED_STEPS, device, precision, clock=time.perf_counter,
+                                       cfg=RunConfig().updated(regularizers))
                 cache.put(key, seconds)
             # Every process trains its own batch: the run's speed is the world's.
             return shape.chars_per_batch * d.world_size / seconds
