@@ -53,6 +53,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "w256": {"hidden_size": 256},
     "w384": {"hidden_size": 384, "lr": 0.008},
     "gru256e": {"cell": "gru", "lr": 0.005, "ema": "auto"},
+    # Issue 23: AWD-LSTM's regularizers and the constant schedule, at the width the planner
+    # takes for a small corpus read many times (sotu-250k at 4 minutes: 2x512).
+    **{f"w512{name}e": {"hidden_size": 512, "lr": round(0.01 * (256 / 512) ** 0.5, 5), "ema": "auto", **extra}
+       for name, extra in {"wd3": {"weight_drop": 0.3}, "wd5": {"weight_drop": 0.5},
+                           "wd3ld1": {"weight_drop": 0.3, "locked_dropout": 0.1},
+                           "d1const": {"dropout": 0.1, "schedule": "constant"}}.items()},
     "fp32": {"precision": "fp32"},  # the default model in fp32 on a CPU with native bf16
     "bf16": {"precision": "bf16"},
 }
@@ -116,11 +122,12 @@ def shape_key(settings: dict[str, Any]) -> str:
     cfg = build_config(None, {k: v for k, v in settings.items() if k in SPEED_FIELDS})
     m, t = cfg.model, cfg.train
     key = f"{m.cell}-{m.num_layers}x{m.hidden_size}-e{m.embedding_size}-d{m.dropout:g}-b{t.batch_size}x{t.seq_len}"
+    key += f"-wd{m.weight_drop:g}-ld{m.locked_dropout:g}" if m.regularized() else ""  # one call per layer
     return key + ("" if cfg.session.precision == "auto" else f"-{cfg.session.precision}")
 
 
 SPEED_FIELDS = ("cell", "num_layers", "hidden_size", "embedding_size", "dropout", "batch_size", "seq_len",
-                "precision")
+                "precision", "weight_drop", "locked_dropout")
 
 
 def measure_speed(settings: dict[str, Any]) -> float:
@@ -136,7 +143,7 @@ def measure_speed(settings: dict[str, Any]) -> float:
     shape = Shape.of(cfg)
     steps = max(4, SPEED_CHARS // (shape.batch_size * shape.seq_len))
     return shape.batch_size * shape.seq_len / step_seconds(shape, 96, steps, torch.device("cpu"),
-                                                           cfg.session.precision)
+                                                           cfg.session.precision, cfg=cfg)
 
 
 def speed_of(work: Path, settings: dict[str, Any]) -> float:

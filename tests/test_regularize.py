@@ -17,7 +17,7 @@ from charlm.cli import app
 from charlm.config.run import ModelConfig
 from charlm.errors import TrainingInterrupted
 from charlm.model import dynamic
-from charlm.model.network import CharRNN, locked_dropout, state_to_list
+from charlm.model.network import CharRNN, drop_weight, locked_dropout, state_to_list
 from charlm.storage import checkpoint
 from charlm.training import session
 from charlm.training.events import Callbacks
@@ -109,6 +109,20 @@ def test_a_model_moved_after_it_was_built_still_trains_its_own_weights():
     copied.zero_grad()
     copied(idx())[0].sum().backward()
     assert copied.rnn.weight_hh_l0.grad is not None and copied.rnn.weight_hh_l0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_drop_weight_drops_its_share_scales_the_rest_and_passes_gradients_through_them(p):
+    torch.manual_seed(0)
+    w = torch.randn(512, 256, requires_grad=True)
+    dropped = drop_weight(w, p)
+    kept = dropped != 0
+    assert abs((~kept).float().mean().item() - p) < 0.005  # 131,072 entries: the share is p
+    assert torch.allclose(dropped[kept], w.detach()[kept] / (1 - p))
+    dropped.sum().backward()
+    assert torch.equal(w.grad, kept.float() / (1 - p))  # the trained weight learns through the mask
+    assert not torch.equal(drop_weight(w, p) != 0, kept)  # a new mask each call
+    assert drop_weight(w, 0.0) is w
 
 
 def test_locked_dropout_uses_one_mask_for_every_time_step():

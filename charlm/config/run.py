@@ -32,6 +32,7 @@ from charlm.errors import CharLMError
 CELLS = ("lstm", "gru", "rnn")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")  # charlm.training.budget.lr_at
 RECORD_MODES = ("lines", "blank-lines")  # --records: one record per line, or per paragraph
 DEFAULT_MAX_STEPS = 2000  # a run's length when neither --max-steps nor --time is given
 
@@ -77,8 +78,14 @@ class TrainConfig:
     seq_len: int = opt(32, "Characters per truncated-BPTT window.", at_least=1)
     batch_size: int = opt(32, "Parallel streams per batch (per process under torchrun).", at_least=1)
     lr: float = opt(1e-2, "Peak learning rate (AdamW).", above=0.0)
-    min_lr_ratio: float = opt(0.1, "The cosine schedule decays to lr x this.", at_least=0.0, at_most=1.0)
-    warmup_steps: int = opt(50, "Linear warmup steps before the cosine decay.", at_least=0)
+    # Hägele et al. 2024: a constant rate with a short cooldown matches cosine; with a time
+    # budget the cooldown is placed in the planned steps. The quality panel decides the default.
+    schedule: str = opt("cosine", "Learning rate after warmup: cosine (decays over the whole run) | constant "
+                        "(held, then a 1-sqrt cooldown over the last --cooldown of the run).", choices=SCHEDULES)
+    cooldown: float = opt(0.2, "Share of the run's steps the constant schedule cools down over.",
+                          above=0.0, at_most=1.0)
+    min_lr_ratio: float = opt(0.1, "The schedule decays to lr x this.", at_least=0.0, at_most=1.0)
+    warmup_steps: int = opt(50, "Linear warmup steps before the decay.", at_least=0)
     weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).", at_least=0.0)
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this.", at_least=0.0)
     val_fraction: float = opt(0.05, "Fraction of the corpus (its end) held out for validation.",

@@ -185,7 +185,9 @@ def steps_in(seconds: float, sec_per_step: float, chars_per_batch: int, scored_c
 
 def lr_at(step: int, total_steps: int | None, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of a run planned for `total_steps`:
-    linear warmup, then cosine decay to `lr * min_lr_ratio`.
+    linear warmup, then down to `lr * min_lr_ratio` by `cfg.schedule` — a cosine over the
+    rest of the run, or the peak held until the last `cooldown` share of the steps and a
+    1-sqrt cooldown there (Hägele et al. 2024 find 1-sqrt better than a linear one).
 
     Until the plan is known (a `--time` run still measuring its speed) the run is in
     warmup, whose rate does not depend on the total, so the schedule stays exact.
@@ -197,4 +199,7 @@ def lr_at(step: int, total_steps: int | None, cfg: TrainConfig) -> float:
     min_lr = cfg.lr * cfg.min_lr_ratio
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "constant":
+        into = (progress - (1.0 - cfg.cooldown)) / cfg.cooldown  # <= 0 before the cooldown, 1 at the end
+        return cfg.lr if into <= 0 else min_lr + (1.0 - math.sqrt(into)) * (cfg.lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
