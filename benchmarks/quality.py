@@ -40,6 +40,10 @@ BUDGETS = {"1m": 60.0, "4m": 240.0, "30m": 1800.0}
 CORPORA = ("sotu-250k", "sotu-1m", "sotu", "code")
 SPEED_CHARS = 120_000  # characters timed per speed measurement (after 3 warm-up steps)
 
+REGULARIZED: dict[str, dict[str, Any]] = {
+    "wd3": {"weight_drop": 0.3}, "wd5": {"weight_drop": 0.5}, "wd3ld1": {"weight_drop": 0.3, "locked_dropout": 0.1},
+    "d1const": {"dropout": 0.1, "schedule": "constant"}}
+
 # Hand configurations: each changes a few settings from the built-in defaults. "ema": "auto"
 # takes the planner's decay for the run's steps and passes (`charlm.training.planner.ema_for`).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -56,9 +60,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Issue 23: AWD-LSTM's regularizers and the constant schedule, at the width the planner
     # takes for a small corpus read many times (sotu-250k at 4 minutes: 2x512).
     **{f"w512{name}e": {"hidden_size": 512, "lr": round(0.01 * (256 / 512) ** 0.5, 5), "ema": "auto", **extra}
-       for name, extra in {"wd3": {"weight_drop": 0.3}, "wd5": {"weight_drop": 0.5},
-                           "wd3ld1": {"weight_drop": 0.3, "locked_dropout": 0.1},
-                           "d1const": {"dropout": 0.1, "schedule": "constant"}}.items()},
+       for name, extra in REGULARIZED.items()},
     "fp32": {"precision": "fp32"},  # the default model in fp32 on a CPU with native bf16
     "bf16": {"precision": "bf16"},
 }
