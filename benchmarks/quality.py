@@ -36,13 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-BUDGETS = {"1m": 60.0, "4m": 240.0, "30m": 1800.0}
+BUDGETS = {"1m": 60.0, "4m": 240.0, "10m": 600.0, "30m": 1800.0}
 CORPORA = ("sotu-250k", "sotu-1m", "sotu", "code")
 SPEED_CHARS = 120_000  # characters timed per speed measurement (after 3 warm-up steps)
 
 REGULARIZED: dict[str, dict[str, Any]] = {
     "wd3": {"weight_drop": 0.3}, "wd5": {"weight_drop": 0.5}, "wd3ld1": {"weight_drop": 0.3, "locked_dropout": 0.1},
-    "d1const": {"dropout": 0.1, "schedule": "constant"}}
+    "const": {"schedule": "constant"}, "d1const": {"dropout": 0.1, "schedule": "constant"}}
 
 # Hand configurations: each changes a few settings from the built-in defaults. "ema": "auto"
 # takes the planner's decay for the run's steps and passes (`charlm.training.planner.ema_for`).
@@ -355,8 +355,9 @@ def main() -> None:
     elif args.what == "speed":  # child: one speed measurement, printed
         print(json.dumps({"chars_per_cpu_s": measure_speed(json.loads(args.settings))}))
     elif args.what == "panel":
-        jobs = [schedule(work, cell, name, CONFIGS[name]) for cell in cells(args.cells)
-                for name in args.configs.split(",")]
+        # "planner" among the configurations: what charlm's planner picks, in the same pool.
+        jobs = [planner_job(work, cell) if name == "planner" else schedule(work, cell, name, CONFIGS[name])
+                for cell in cells(args.cells) for name in args.configs.split(",")]
         run_jobs(work, jobs, args.parallel)
     elif args.what == "planner":
         run_jobs(work, [planner_job(work, cell) for cell in cells(args.cells)], args.parallel)

@@ -12,6 +12,12 @@ from charlm.cli.app import DEFAULT_OUT, CheckpointArg, DeviceOpt, EncodingOpt, J
 from charlm.errors import CharLMError
 
 
+def warn_skipped(chars: int) -> None:
+    """The warning for characters a score left out (not in the model's vocabulary), if any."""
+    if chars:
+        err(f"charlm: warning: {chars} characters not in the vocabulary were left out of the score")
+
+
 @app.command("eval")
 @handle_errors
 def eval_cmd(
@@ -45,9 +51,7 @@ def eval_cmd(
             raise CharLMError("--dynamic and --by-char cannot be combined")
         lm = load(checkpoint, device=device)
         scored = lm.evaluate_dynamic(corpus, encoding, lr=dynamic_lr, decay=dynamic_decay)
-        if scored["skipped_chars"]:
-            err(f"charlm: warning: {scored['skipped_chars']} characters not in the vocabulary were "
-                "left out of the score")
+        warn_skipped(scored["skipped_chars"])
         if as_json:
             print(json.dumps(scored))
             return
@@ -68,15 +72,11 @@ def eval_cmd(
 
         lm = load(checkpoint, device=device)
         result = per_char(lm, *load_text(lm, corpus, None, encoding))
-        if result["skipped_chars"]:
-            err(f"charlm: warning: {result['skipped_chars']} characters not in the vocabulary were "
-                "left out of the score")
+        warn_skipped(result["skipped_chars"])
         print(json.dumps(result, ensure_ascii=False))
         return
     result = load(checkpoint, device=device).evaluate(corpus, encoding)
-    if result["skipped_chars"]:
-        err(f"charlm: warning: {result['skipped_chars']} characters not in the vocabulary were "
-            "left out of the score")
+    warn_skipped(result["skipped_chars"])
     if as_json:
         print(json.dumps(result))
         return
