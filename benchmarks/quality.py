@@ -277,13 +277,9 @@ def cells(spec: str) -> list[str]:
 # --- the planner's choice -------------------------------------------------------------------
 
 
-PLANNERS = {"planner": set(), "planner-wd0": {"weight_drop"}}  # the planner, and without its weight drop
-
-
-def planner_job(work: Path, cell: str, name: str = "planner") -> dict[str, Any]:
+def planner_job(work: Path, cell: str) -> dict[str, Any]:
     """What charlm's planner picks for a cell, given the same single-core speeds, charged the
-    time its probe would take (PROBE_TIMED_STEPS timed steps and the untimed warm-up steps per shape).
-    `name` "planner-wd0": its choice with weight drop held at 0, as it planned before it chose one."""
+    time its probe would take (PROBE_TIMED_STEPS timed steps and the untimed warm-up steps per shape)."""
     from charlm.config.run import RunConfig
     from charlm.training.budget import UNTIMED_STEPS
     from charlm.training.planner import PROBE_TIMED_STEPS, make_plan
@@ -301,8 +297,8 @@ def planner_job(work: Path, cell: str, name: str = "planner") -> dict[str, Any]:
 
     cfg = RunConfig()
     cfg.session.time = f"{BUDGETS[budget]}s"
-    plan = make_plan(cfg, set(PLANNERS[name]), train_chars, val_chars, 96, speed, "cpu")
-    return schedule(work, cell, name, plan.settings, probe_s,
+    plan = make_plan(cfg, set(), train_chars, val_chars, 96, speed, "cpu")
+    return schedule(work, cell, "planner", plan.settings, probe_s,
                     plan={"why": plan.why, "passes": round(plan.passes, 2), "probe_s": round(probe_s, 2)})
 
 
@@ -317,7 +313,7 @@ def table(work: Path) -> None:
     print("|---|---|---|---|---|---|")
     for cell in order:
         runs = by_cell[cell]
-        hand = [r for r in runs if r["config"] not in PLANNERS]
+        hand = [r for r in runs if r["config"] != "planner"]
         best = min(hand, key=lambda r: r["best_val_bpc"], default=None)
         default = next((r for r in runs if r["config"] == "default"), None)
         plan = next((r for r in runs if r["config"] == "planner"), None)
@@ -359,8 +355,8 @@ def main() -> None:
     elif args.what == "speed":  # child: one speed measurement, printed
         print(json.dumps({"chars_per_cpu_s": measure_speed(json.loads(args.settings))}))
     elif args.what == "panel":
-        # "planner" (or "planner-wd0") among the configurations: what charlm's planner picks, in the same pool.
-        jobs = [planner_job(work, cell, name) if name in PLANNERS else schedule(work, cell, name, CONFIGS[name])
+        # "planner" among the configurations: what charlm's planner picks, in the same pool.
+        jobs = [planner_job(work, cell) if name == "planner" else schedule(work, cell, name, CONFIGS[name])
                 for cell in cells(args.cells) for name in args.configs.split(",")]
         run_jobs(work, jobs, args.parallel)
     elif args.what == "planner":

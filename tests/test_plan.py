@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import replace
 
 import pytest
 import torch
@@ -19,17 +18,7 @@ from charlm.cli import app
 from charlm.config.run import ModelConfig, RunConfig, build_config
 from charlm.storage import checkpoint
 from charlm.training import probe, session
-from charlm.training.planner import (
-    CPU_WIDTHS,
-    PATIENCE,
-    WIDTHS,
-    Shape,
-    dropout_for,
-    ema_for,
-    lr_for,
-    make_plan,
-    weight_drop_for,
-)
+from charlm.training.planner import CPU_WIDTHS, PATIENCE, WIDTHS, Shape, dropout_for, ema_for, lr_for, make_plan
 
 VOCAB = 90
 
@@ -139,27 +128,6 @@ def test_more_passes_buy_more_dropout():
     assert small.passes > big.passes and small.settings["dropout"] > big.settings["dropout"] == 0.0
     values = [dropout_for(p) for p in (0.5, 1, 3, 10, 30, 100, 1000)]
     assert values == sorted(values) and values[0] == 0.0 and max(values) <= 0.5
-
-
-def test_many_passes_buy_weight_drop_planned_at_its_own_speed():
-    values = [weight_drop_for(p) for p in (0.5, 1, 3, 5, 10, 30, 100, 1000)]
-    assert values == sorted(values) and values[:4] == [0.0] * 4 and 0 < values[-1] <= 0.5
-    asked: list[Shape] = []
-
-    def speed(shape: Shape) -> float:
-        asked.append(shape)
-        return flops_speed()(shape) * (0.9 if shape.weight_drop else 1.0)  # it costs a little
-
-    many = make_plan(budgeted(1800), set(), 100_000, held_out(100_000), VOCAB, speed, "cpu")
-    assert many.passes > 10 and many.settings["weight_drop"] == many.shape.weight_drop > 0
-    assert asked[-1] == many.shape  # the chosen run's chars are those of its own, slower speed
-    assert many.chars_per_s == pytest.approx(0.9 * flops_speed()(replace(many.shape, weight_drop=0.0)))
-    assert build_config(None, many.settings).model.weight_drop == many.shape.weight_drop
-    assert "weight drop" in many.summary()
-    few = plan(10**8, 240)  # a big corpus read less than once: none, and no word of it
-    assert "weight_drop" not in few.settings and few.shape.weight_drop == 0 and "weight drop" not in few.summary()
-    kept = make_plan(budgeted(1800), {"weight_drop"}, 100_000, held_out(100_000), VOCAB, speed, "cpu")
-    assert "weight_drop" not in kept.settings and kept.shape.weight_drop == 0
 
 
 def test_a_step_budget_needs_no_speed():

@@ -15,9 +15,6 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
   small one the second (the text is). On a CPU no wider than 512 (`CPU_WIDTHS`);
 - dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
   more times) it grows with the logarithm of the excess (`dropout_for`);
-- weight drop (`--weight-drop`, DropConnect on the recurrent weights): likewise from
-  `WEIGHT_DROP_FROM` passes on (`weight_drop_for`); it slows a step a little, so the run is
-  then planned with the speed measured with it;
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
   (`ema_for`): it scores better than the live weights in every panel cell;
 - learning rate: the defaults' rate at width 256, scaled by (256 / width) ** 0.5;
@@ -57,11 +54,6 @@ MAX_PASSES = 5.0  # ... or when a narrower one would read the text more than thi
 FEWEST_STEPS = 1000  # ... as long as it still takes this many
 DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / MAX_PASSES) beyond it ...
 MIN_DROPOUT, MAX_DROPOUT = 0.05, 0.4  # ... from this (less is not worth what it costs) up to this
-# Weight drop = this x ln(passes / WEIGHT_DROP_FROM) beyond that many passes, from the least
-# worth its cost up to AWD-LSTM's PTB-char value (the panel: it costs 0.02 bpc at 4.7 passes and
-# gains at 10-12, where the plain model overfits).
-WEIGHT_DROP_PER_LOG_PASS, WEIGHT_DROP_FROM = 0.35, MAX_PASSES
-MIN_WEIGHT_DROP, MAX_WEIGHT_DROP = 0.1, 0.5
 BASE_LR, BASE_WIDTH = 1e-2, 256
 FINETUNE_LR_SCALE = 0.1  # fine-tuning: a tenth of the from-scratch rate (benchmarks/finetune.py)
 PATIENCE = 5  # evaluations without a better held-out bpc before a run that overfits stops
@@ -83,13 +75,11 @@ class Shape:
     seq_len: int = 32
     dropout: float = 0.0
     cell: str = "lstm"
-    weight_drop: float = 0.0  # a run with it trains each layer in its own call: another speed
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Shape:
         m, t = cfg.model, cfg.train
-        return cls(m.hidden_size, m.num_layers, m.embedding_size, t.batch_size, t.seq_len, m.dropout, m.cell,
-                   m.weight_drop)
+        return cls(m.hidden_size, m.num_layers, m.embedding_size, t.batch_size, t.seq_len, m.dropout, m.cell)
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,9 +120,8 @@ class Plan:
 
     def summary(self) -> str:
         s = self.shape
-        wd = f", weight drop {s.weight_drop:g}" if s.weight_drop else ""
         return (f"plan: {s.num_layers}x{s.hidden_size} {s.cell.upper()}, {self.params:,} parameters, "
-                f"dropout {s.dropout:g}{wd}, batch {s.batch_size}x{s.seq_len}, lr {self.settings.get('lr', '-')}; "
+                f"dropout {s.dropout:g}, batch {s.batch_size}x{s.seq_len}, lr {self.settings.get('lr', '-')}; "
                 f"{self.chars_per_s:,.0f} chars/s -> {self.chars:,.0f} chars, {self.passes:.1f} passes")
 
 
@@ -140,13 +129,6 @@ def dropout_for(passes: float) -> float:
     """Dropout for a run that sees its text `passes` times."""
     dropout = DROPOUT_PER_LOG_PASS * math.log(max(passes, 1e-9) / MAX_PASSES)
     return 0.0 if dropout < MIN_DROPOUT else round(min(MAX_DROPOUT, dropout), 2)
-
-
-def weight_drop_for(passes: float) -> float:
-    """Weight drop (DropConnect on the recurrent weights) for a run that sees its text
-    `passes` times: none up to `WEIGHT_DROP_FROM` passes, then growing with their logarithm."""
-    drop = WEIGHT_DROP_PER_LOG_PASS * math.log(max(passes, 1e-9) / WEIGHT_DROP_FROM)
-    return 0.0 if drop < MIN_WEIGHT_DROP else round(min(MAX_WEIGHT_DROP, drop), 2)
 
 
 def ema_for(steps: float, passes: float) -> float:
@@ -231,14 +213,6 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
         if dropout and time_cap is not None:  # dropout costs time: plan with its own speed
             cps, chars = chars_of(chosen)
             passes = chars / max(1, train_chars)
-    if "weight_drop" not in explicit and weight_drop_for(passes):
-        # Planned on the passes of the shape as chosen so far; it costs time, so the run is
-        # planned again with its own speed.
-        chosen = replace(chosen, weight_drop=weight_drop_for(passes))
-        settings["weight_drop"] = chosen.weight_drop
-        if time_cap is not None:
-            cps, chars = chars_of(chosen)
-            passes = chars / max(1, train_chars)
     if "lr" not in explicit:
         # A trained model fine-tuned at a from-scratch rate forgets what it knew.
         settings["lr"] = round(lr_for(chosen.hidden_size) * (FINETUNE_LR_SCALE if fine_tuning else 1), 6)
@@ -280,5 +254,4 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
 
 
 def _name(shape: Shape) -> str:
-    wd = f" wd{shape.weight_drop:g}" if shape.weight_drop else ""
-    return f"{shape.num_layers}x{shape.hidden_size} d{shape.dropout:g}{wd} b{shape.batch_size}x{shape.seq_len}"
+    return f"{shape.num_layers}x{shape.hidden_size} d{shape.dropout:g} b{shape.batch_size}x{shape.seq_len}"

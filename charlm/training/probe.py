@@ -20,7 +20,6 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +200,11 @@ def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_si
     if d.is_main:
         precision = resolve_precision(cfg.session.precision, device)
         cache = SpeedCache(speeds_file())
+        # The shapes are measured with the run's weight drop and locked dropout, if any.
+        regularizers = {"weight_drop": cfg.model.weight_drop, "locked_dropout": cfg.model.locked_dropout}
 
         def speed(shape: Shape) -> float:
-            # Measured with the shape's weight drop (the planner's or the user's) and the run's
-            # locked dropout, if any.
-            model = replace(cfg.model, weight_drop=shape.weight_drop)
-            regularizers = {"weight_drop": model.weight_drop, "locked_dropout": model.locked_dropout}
-            key = speed_key(shape, vocab_size, device, precision, model)
+            key = speed_key(shape, vocab_size, device, precision, cfg.model)
             seconds = cache.get(key)
             if seconds is None:
                 seconds = step_seconds(shape, vocab_size, PROBE_TIMED_STEPS, device, precision, clock=time.perf_counter,
