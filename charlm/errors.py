@@ -1,6 +1,9 @@
-"""The one exception family the library raises; only the CLI turns it into exit codes."""
+"""The one exception family the library raises; only the CLI turns it into exit codes. And
+the one refusal of a feature whose optional extra is not installed (`require_extra`)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 
 class CharLMError(Exception):
@@ -48,3 +51,19 @@ class Diverged(Exception):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+def installed(package: str) -> bool:
+    """Whether `package` can be found for import (not one set to None in sys.modules, or broken)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_extra(what: str, extra: str, *packages: str, hint: str = "") -> None:
+    """Refuse `what` (a command or flag) with one line when any of `packages` is missing: which
+    ones, and the pip command that installs the optional extra `extra` (then `hint`)."""
+    missing = [p for p in packages if not installed(p)]
+    if missing:
+        raise CharLMError(f"{what} needs {' and '.join(missing)}: pip install 'charlm[{extra}]'{hint}")

@@ -4,28 +4,43 @@ program in docs/commands.md, run exactly as written, prints `charlm sample --tem
 the vocabulary JSON; bad input is one line and exit 2.
 
 Three tiny two-layer checkpoints (one per cell) are trained and exported once for the module.
+
+`charlm export --safetensors`: the file, read with safetensors' own API and loaded into a new
+`CharRNN` (strict), gives `charlm.load`'s logits exactly, for the shared run and for a
+weight-drop records model; its metadata; the program in docs/python-api.md, run as written,
+prints `charlm sample --temperature 0`'s text; the flags, a missing package and unwritable
+paths are one line and exit 2, and a failed write keeps the old file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEXT, TINY, subprocess_env
+from conftest import ROOT, RUN_STEPS, TEXT, TINY, one_line_error, subprocess_env, tiny_config
 from typer.testing import CliRunner
 
 import charlm
 from charlm.cli import app
+from charlm.config.run import ModelConfig
+from charlm.model.network import CharRNN
 from charlm.serving.onnx import start_id, state_names
+from charlm.serving.safetensors_export import export_safetensors, tensors
+from charlm.training import session
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+safe_open = pytest.importorskip("safetensors").safe_open
+load_file = pytest.importorskip("safetensors.torch").load_file
 
 CELLS = ["lstm", "gru", "rnn"]
 STEPS = 300
@@ -172,24 +187,14 @@ def test_vocab_option_writes_the_json_there(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chars.json", "m.onnx"]
 
 
-def assert_one_line_error(res, *needles: str) -> None:
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert res.stdout == ""
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def test_missing_and_corrupt_checkpoints(tmp_path):
     onnx = tmp_path / "m.onnx"
     res = CliRunner().invoke(app, ["export", str(tmp_path / "none.pt"), "--onnx", str(onnx)])
-    assert_one_line_error(res, "none.pt: no such checkpoint")
+    one_line_error(res, "none.pt: no such checkpoint")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all" * 10)
     res = CliRunner().invoke(app, ["export", str(bad), "--onnx", str(onnx)])
-    assert_one_line_error(res, "bad.pt: not a checkpoint")
+    one_line_error(res, "bad.pt: not a checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
@@ -201,10 +206,10 @@ def test_unwritable_output_paths(exported, tmp_path):
                            (afile / "m.onnx", "cannot write"),
                            (tmp_path, "is a folder")]:
         res = CliRunner().invoke(app, ["export", str(ckpt), "--onnx", str(target)])
-        assert_one_line_error(res, str(target), needle)
+        one_line_error(res, str(target), needle)
     res = CliRunner().invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "m.onnx"),
                                    "--vocab", str(tmp_path / "missing" / "v.json")])
-    assert_one_line_error(res, "v.json", "cannot write")
+    one_line_error(res, "v.json", "cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing half-written
 
 
@@ -212,5 +217,190 @@ def test_missing_exporter_packages_name_the_install_command(exported, monkeypatc
     ckpt, _ = exported["lstm"]
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     res = CliRunner().invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "m.onnx")])
-    assert_one_line_error(res, "ONNX export needs onnxscript: pip install 'charlm[export]'")
+    one_line_error(res, "ONNX export needs onnxscript: pip install 'charlm[export]'")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+def rebuild(path: Path) -> tuple[CharRNN, dict[str, str]]:
+    """The file loaded as docs/python-api.md loads it: safetensors' API and CharRNN, no checkpoint."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model = CharRNN(ModelConfig(**json.loads(meta["model"])), len(json.loads(meta["vocab"])))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval(), meta
+
+
+def assert_same_logits(model: CharRNN, lm: charlm.CharLM, text: str) -> None:
+    """`model` gives `lm.model`'s logits and final state, bit for bit, over `text` (batch 2)."""
+    ids = torch.stack([lm.vocab.encode(text), lm.vocab.encode(text[::-1])])
+    with torch.no_grad():
+        got, got_state = model(ids)
+        want, want_state = lm.model(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+
+
+def test_safetensors_file_is_the_weights_charlm_samples_with(ckpt, lm, tmp_path, runner):
+    out = tmp_path / "m.safetensors"
+    res = runner.invoke(app, ["export", str(ckpt), "--safetensors", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""
+    n = len(lm.model.state_dict())
+    assert res.stderr == (f"charlm: wrote {out} ({n} tensors, {lm.model.num_parameters():,} parameters; "
+                          f"{len(lm.vocab)} characters in its metadata)\n")
+    with safe_open(str(out), framework="pt") as f:
+        meta, keys = f.metadata(), sorted(f.keys())
+        assert f.get_tensor("rnn.weight_hh_l0").dtype == torch.float32
+    assert keys == sorted(lm.model.state_dict()) == [
+        "embed.weight", "head.bias", "head.weight", "rnn.bias_hh_l0", "rnn.bias_ih_l0",
+        "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    assert meta == {
+        "format": "charlm", "format_version": "1", "model": meta["model"], "vocab": meta["vocab"],
+        "vocab_size": str(len(lm.vocab)), "start_id": str(lm.vocab.chars.index("\n")), "records": "",
+        "checkpoint": str(ckpt), "step": str(RUN_STEPS),
+    }
+    assert json.loads(meta["model"]) == lm.config.to_dict()["model"]
+    assert json.loads(meta["vocab"]) == lm.vocab.chars
+    weights = load_file(str(out))
+    for name, t in lm.model.state_dict().items():
+        assert torch.equal(weights[name], t), name
+    model, _ = rebuild(out)
+    assert_same_logits(model, lm, TEXT[:64])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary file left
+
+
+@pytest.fixture(scope="module")
+def dropped_records(tmp_path_factory, _one_thread) -> Path:
+    """A 2-layer model trained with weight drop and locked dropout on records: TEXT's words, one
+    per line (short records: in 100 steps the model learns to end one)."""
+    base = tmp_path_factory.mktemp("dropped")
+    corpus = base / "words.txt"
+    corpus.write_text("\n".join(TEXT.split()) + "\n", encoding="utf-8")
+    cfg = tiny_config(num_layers=2, weight_drop=0.3, locked_dropout=0.2, records="lines", max_steps=100,
+                      warmup_steps=5, lr=0.02, precision="fp32")
+    session.fit(cfg, [str(corpus)], base / "run")
+    return base / "run" / "latest.pt"
+
+
+def test_weight_drop_records_model_loads_strict_and_generates_its_records(dropped_records, tmp_path):
+    lm = charlm.load(dropped_records)
+    assert lm.model.cfg.weight_drop == 0.3 and lm.records == "lines"
+    out = tmp_path / "r.safetensors"
+    meta = export_safetensors(lm, out)
+    model, read = rebuild(out)  # strict: no raw weight-drop copies, nothing missing
+    assert read == meta
+    assert_same_logits(model, lm, "\x02meet\x03\x02tonight")
+    own = {t.untyped_storage().data_ptr() for t in lm.model.state_dict().values()}
+    assert not own & {t.untyped_storage().data_ptr() for t in tensors(lm.model).values()}  # copies
+    # The metadata is all a reader needs to generate a record as `charlm sample` does.
+    chars = json.loads(meta["vocab"])
+    start, end = json.loads(meta["record_start"]), json.loads(meta["record_end"])
+    assert (meta["records"], start, end, json.loads(meta["record_separator"])) == ("lines", "\x02", "\x03", "\n")
+    assert int(meta["start_id"]) == chars.index(start)
+    ids, state, text = [int(meta["start_id"])], None, ""
+    with torch.no_grad():
+        while len(text) < 80:
+            logits, state = model(torch.tensor([ids]), state)
+            ids = [int(logits[0, -1].argmax())]
+            if chars[ids[0]] == end:
+                break
+            text += chars[ids[0]]
+    assert 0 < len(text) < 80  # a record that ended at its end marker
+    assert text == lm.sample(temperature=0, length=80)
+
+
+def test_both_flags_write_both_files_from_one_load(ckpt, lm, tmp_path, runner, monkeypatch):
+    import charlm.api
+
+    loads: list[Any] = []
+    real = charlm.api.load
+    monkeypatch.setattr(charlm.api, "load", lambda path, **kw: loads.append((path, kw)) or real(path, **kw))
+    onnx, st = tmp_path / "m.onnx", tmp_path / "m.safetensors"
+    res = runner.invoke(app, ["export", str(ckpt), "--onnx", str(onnx), "--safetensors", str(st)])
+    assert res.exit_code == 0, res.output
+    assert loads == [(ckpt, {})]
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"charlm: wrote {st} (") and lines[1].startswith(
+        f"charlm: wrote {onnx} (lstm 1x32, inputs char_id, h0, c0) and {onnx}.vocab.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.vocab.json", "m.safetensors"]
+    assert_same_logits(rebuild(st)[0], lm, TEXT[:40])
+    assert ort.InferenceSession(str(onnx)).get_inputs()[0].name == "char_id"
+
+
+def test_export_needs_onnx_or_safetensors(ckpt, tmp_path, runner):
+    res = runner.invoke(app, ["export", str(ckpt)])
+    one_line_error(res, "nothing to export", "--onnx FILE", "--safetensors FILE")
+    res = runner.invoke(app, ["export", str(ckpt), "--safetensors", str(tmp_path / "m.st"),
+                              "--vocab", str(tmp_path / "v.json")])
+    one_line_error(res, "--vocab", "only with --onnx")
+    same = tmp_path / "m.out"
+    res = runner.invoke(app, ["export", str(ckpt), "--onnx", str(same), "--safetensors", str(same)])
+    one_line_error(res, "--onnx and --safetensors", str(same))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_safetensors_package_names_the_install_command_before_loading(ckpt, tmp_path, runner,
+                                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    want = "safetensors export needs safetensors: pip install 'charlm[safetensors]'"
+    res = runner.invoke(app, ["export", str(tmp_path / "none.pt"), "--safetensors", str(tmp_path / "m.st")])
+    one_line_error(res, want)  # not "no such checkpoint": nothing was loaded
+    res = runner.invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "m.onnx"),
+                              "--safetensors", str(tmp_path / "m.st")])
+    one_line_error(res, want)
+    assert list(tmp_path.iterdir()) == []  # not the ONNX file either
+
+
+def test_unwritable_safetensors_paths(ckpt, tmp_path, runner):
+    afile = tmp_path / "a-file"
+    afile.write_text("x", encoding="utf-8")
+    for target, needle in [(tmp_path / "no" / "such" / "m.st", "No such file or directory"),
+                           (afile / "m.st", "Not a directory"),
+                           (tmp_path, "is a folder")]:
+        res = runner.invoke(app, ["export", str(ckpt), "--safetensors", str(target)])
+        one_line_error(res, str(target), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing half-written
+
+
+def test_a_failed_write_keeps_the_old_file(ckpt, tmp_path, runner, monkeypatch):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"the previous export")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # the disk fills up before the file is complete
+    res = runner.invoke(app, ["export", str(ckpt), "--safetensors", str(out)])
+    one_line_error(res, f"could not write {out}", "No space left on device")
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def api_doc_program() -> str:
+    page = (ROOT / "docs" / "python-api.md").read_text(encoding="utf-8")
+    section = re.search(r"^## The safetensors export.*?(?=^## |\Z)", page, re.DOTALL | re.MULTILINE)
+    assert section, "docs/python-api.md has no safetensors section"
+    code = re.search(r"```python\n(.*?)```", section.group(0), re.DOTALL)
+    assert code, "the safetensors section has no python block"
+    return code.group(1)
+
+
+def test_api_doc_program_runs_on_the_export_as_charlm_samples(ckpt, lm, tmp_path, monkeypatch, capsys):
+    code = api_doc_program()
+    charlm_imports = set(re.findall(r"^from (charlm\S*) import", code, re.MULTILINE))
+    assert charlm_imports == {"charlm.config.run", "charlm.model.network"}  # no checkpoint code
+    assert "safe_open" in code and "load_file" in code and "strict=True" in code
+    path = re.search(r'^path = "(.+)"$', code, re.MULTILINE)
+    prime = re.search(r'^text = "(.+)"$', code, re.MULTILINE)
+    assert path and prime
+    monkeypatch.chdir(tmp_path)
+    export_safetensors(lm, path.group(1))
+    capsys.readouterr()
+    ns: dict[str, Any] = {}
+    exec(compile(code, "docs/python-api.md", "exec"), ns)
+    greedy = prime.group(1) + lm.sample(prime=prime.group(1), length=60, temperature=0)
+    assert capsys.readouterr().out == greedy + "\n"
+    assert_same_logits(ns["model"], lm, TEXT[:50])

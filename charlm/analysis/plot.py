@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from charlm.errors import CharLMError
+from charlm.errors import require_extra
 from charlm.fs import replace_file
 from charlm.storage.rundir import PLOT, RunDir
 
@@ -14,13 +14,11 @@ def plot_run(run_dir: Path) -> Path:
     """Write `run_dir/loss.png` and return its path."""
     run = RunDir(run_dir)
     rows = run.read_metrics()
-    try:
-        import matplotlib
+    require_extra("charlm plot", "plot", "matplotlib")
+    import matplotlib
 
-        matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CharLMError("charlm plot needs matplotlib: pip install 'charlm[plot]'") from None
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
     chars = [r["chars"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(chars, [r["train_bpc"] for r in rows], label="train bpc", color="tab:blue")

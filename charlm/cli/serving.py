@@ -1,5 +1,6 @@
 """`charlm serve` and `charlm export`: a model used from anywhere (an HTTP API with a
-playground page, run by uvicorn; an ONNX file for any ONNX runtime)."""
+playground page, run by uvicorn; an ONNX file for any ONNX runtime; the weights as
+safetensors)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 
 from charlm.cli.app import CheckpointArg, DeviceOpt, app, derived_options, err, handle_errors
 from charlm.config.serving import ServeSettings
-from charlm.errors import CharLMError
+from charlm.errors import CharLMError, require_extra
 
 
 @app.command()
@@ -27,12 +28,8 @@ def serve(
     **limits: Any,
 ) -> None:
     """HTTP API (POST /generate, GET /info, GET /health) and a playground page at /."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as exc:
-        raise CharLMError(f"charlm serve needs the serve extra ({exc.name} is missing): "
-                          "pip install 'charlm[serve]'") from None
+    require_extra("charlm serve", "serve", "fastapi", "uvicorn")
+    import uvicorn
 
     from charlm.api import load
     from charlm.serving.app import create_app
@@ -60,18 +57,41 @@ def serve(
 @handle_errors
 def export(
     checkpoint: CheckpointArg,
-    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write: the one-step model.")],
+    onnx: Annotated[Optional[Path], typer.Option(
+        "--onnx", help="ONNX file to write: the one-step model, for any ONNX runtime.")] = None,
     vocab: Annotated[Optional[Path], typer.Option(
-        "--vocab", help="Vocabulary JSON to write (default: ONNX_FILE.vocab.json).")] = None,
+        "--vocab", help="Vocabulary JSON to write with --onnx (default: ONNX_FILE.vocab.json).")] = None,
+    safetensors: Annotated[Optional[Path], typer.Option(
+        "--safetensors", help="safetensors file to write: the weights, with the model's settings "
+        "and vocabulary in its metadata.")] = None,
 ) -> None:
-    """Write the one-step model (char id and state in, logits and state out) as ONNX, and its
-    vocabulary as JSON, for any ONNX runtime (needs `pip install 'charlm[export]'`)."""
-    from charlm.serving.onnx import check_installed, export_onnx, vocab_path
+    """Write the model for use outside charlm: --onnx, the one-step model (char id and state in,
+    logits and state out) and its vocabulary JSON, for any ONNX runtime (needs `pip install
+    'charlm[export]'`); --safetensors, the weights with their settings and vocabulary (needs
+    `pip install 'charlm[safetensors]'`). Give either or both."""
+    if onnx is None and safetensors is None:
+        raise CharLMError("nothing to export: give --onnx FILE, --safetensors FILE or both")
+    if vocab is not None and onnx is None:
+        raise CharLMError("--vocab: only with --onnx (a safetensors file holds its vocabulary)")
+    if onnx is not None and safetensors is not None and onnx.resolve() == safetensors.resolve():
+        raise CharLMError(f"--onnx and --safetensors: both name {onnx}; give two files")
+    from charlm.serving import onnx as onnx_export
+    from charlm.serving import safetensors_export
 
-    check_installed()  # before loading: the missing package is the first thing to say
+    # Before loading: a missing package is the first thing to say.
+    if onnx is not None:
+        onnx_export.check_installed()
+    if safetensors is not None:
+        safetensors_export.check_installed()
     from charlm.api import load
 
-    meta = export_onnx(load(checkpoint), onnx, vocab)
-    err(f"charlm: wrote {onnx} ({meta['cell']} {meta['num_layers']}x{meta['hidden_size']}, "
-        f"inputs {meta['input']}, {', '.join(meta['state_inputs'])}) and "
-        f"{vocab or vocab_path(onnx)} ({meta['vocab_size']} characters)")
+    lm = load(checkpoint)
+    if safetensors is not None:  # first: it takes a moment, the ONNX export seconds
+        st = safetensors_export.export_safetensors(lm, safetensors)
+        err(f"charlm: wrote {safetensors} ({len(lm.model.state_dict())} tensors, "
+            f"{lm.model.num_parameters():,} parameters; {st['vocab_size']} characters in its metadata)")
+    if onnx is not None:
+        meta = onnx_export.export_onnx(lm, onnx, vocab)
+        err(f"charlm: wrote {onnx} ({meta['cell']} {meta['num_layers']}x{meta['hidden_size']}, "
+            f"inputs {meta['input']}, {', '.join(meta['state_inputs'])}) and "
+            f"{vocab or onnx_export.vocab_path(onnx)} ({meta['vocab_size']} characters)")

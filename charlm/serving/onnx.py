@@ -16,7 +16,6 @@ That is exactly what `charlm sample` does.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -28,13 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from charlm.errors import CharLMError
+from charlm.errors import CharLMError, require_extra
 from charlm.fs import atomic_path
 from charlm.model.network import CharRNN
 
 FORMAT = "charlm-onnx"
 FORMAT_VERSION = 1
-INSTALL = "pip install 'charlm[export]'"
 CHAR_INPUT = "char_id"
 LOGITS_OUTPUT = "logits"
 
@@ -80,16 +78,7 @@ class OneStep(nn.Module):
 
 def check_installed() -> None:
     """Raise `CharLMError` with the install command when the exporter's packages are missing."""
-    missing = [name for name in ("onnx", "onnxscript") if _find_spec(name) is None]
-    if missing:
-        raise CharLMError(f"ONNX export needs {' and '.join(missing)}: {INSTALL}")
-
-
-def _find_spec(name: str) -> Any:
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):  # a module set to None in sys.modules, or broken
-        return None
+    require_extra("ONNX export", "export", "onnx", "onnxscript")
 
 
 def export_onnx(lm: Any, onnx_path: str | Path, vocab_file: str | Path | None = None) -> dict[str, Any]:
