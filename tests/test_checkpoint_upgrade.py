@@ -73,7 +73,7 @@ def test_every_field_of_format_1_lands_in_its_group(v1: Path):
     assert {k: v for k, v in moved.items() if k not in later} == old["config"]["train"]
     # Settings added since take their defaults: a plain run from scratch, as format-1 runs were.
     assert later == {"ema": 0.0, "patience": 0, "records": "", "init_from": "", "schedule": "cosine",
-                     "cooldown": 0.2}
+                     "cooldown": 0.2, "tensorboard": False}
     assert ck.init == {} and ck.planner is None and ck.live is None
     p = ck.progress
     assert (p.step, p.chars_seen, p.elapsed, p.best_val_bpc, p.last_val_bpc) == (

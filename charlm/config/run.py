@@ -138,6 +138,8 @@ class SessionConfig:
     patience: int = opt(0, "Stop early once held-out bpc has not improved for this many evaluations "
                         "(0: train to the end).", at_least=0)
     preview_length: int = opt(200, "Characters per live sample at each evaluation (0: none).", at_least=0)
+    tensorboard: bool = opt(False, "Also write the run's metrics and live samples as TensorBoard event files "
+                            "in the run folder's tensorboard/ (needs pip install 'charlm[tensorboard]').")
 
     def time_seconds(self) -> float | None:
         """The `--time` budget in seconds (None: no time budget)."""

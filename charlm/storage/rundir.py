@@ -7,6 +7,9 @@ retention of step files, leftover temporaries, and `metrics.jsonl`.
     config.toml          the resolved config
     metrics.jsonl        one JSON object per evaluation
     loss.png             the loss plot (when matplotlib is installed)
+    tensorboard/         TensorBoard event files (with --tensorboard)
+    report.html          the run's report page (`charlm.analysis.report`)
+    README.md            its card in text, starting with `CARD_MARK` (a README without it is the user's)
     .lock                held by the one process writing the run (`charlm.storage.runlock`)
 
 A write that fails (a full disk) raises `WriteFailed` naming the file; the file's previous
@@ -24,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,9 @@ from charlm.fs import TMP_PREFIX, free_bytes, human, replace_file, write_failed
 from charlm.storage.runlock import RunLock
 
 LATEST, BEST, CONFIG, METRICS, PLOT = "latest.pt", "best.pt", "config.toml", "metrics.jsonl", "loss.png"
+TENSORBOARD = "tensorboard"  # a folder: one event file per session
+REPORT, CARD = "report.html", "README.md"
+CARD_MARK = "<!-- charlm run card: `charlm report` rewrites this file; keep your notes elsewhere -->"
 RUN_FILES = (LATEST, BEST, CONFIG, METRICS)  # any of these means the folder holds a run
 SMALL_FILES = 256 * 1024  # config.toml, metrics.jsonl and loss.png, generously
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -54,6 +61,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
 
     def lock(self, label: str | None = None) -> RunLock:
         """The folder's writer lock (not yet taken): `with run_dir.lock(): ...` around
@@ -94,8 +105,21 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.clean_temporary()
         if force:
-            for p in (*(self.path / n for n in (*RUN_FILES, PLOT)), *self.step_files()):
+            for p in (*(self.path / n for n in (*RUN_FILES, PLOT, REPORT)), *self.step_files()):
                 p.unlink(missing_ok=True)
+            if self.holds_card():
+                (self.path / CARD).unlink(missing_ok=True)
+            # TensorBoard reads every event file of the folder: the old run's would show as this run's.
+            if self.tensorboard.is_dir() and not self.tensorboard.is_symlink():
+                shutil.rmtree(self.tensorboard)
+
+    def holds_card(self) -> bool:
+        """Whether the folder's README.md is a charlm run card (else it is the user's, or none)."""
+        try:
+            with open(self.path / CARD, encoding="utf-8", errors="replace") as fh:
+                return fh.read(len(CARD_MARK)) == CARD_MARK
+        except OSError:
+            return False
 
     def clean_temporary(self) -> list[Path]:
         """Remove temporary files left by a writer that was killed mid-save."""
@@ -166,11 +190,18 @@ class RunDir:
                 row = None  # a line cut short by a crash
             yield line, row if isinstance(row, dict) else None
 
+    def evaluations(self) -> list[dict[str, Any]]:
+        """Every evaluation recorded so far (lines cut short by a crash are skipped; none
+        without a metrics.jsonl)."""
+        if not self.metrics.exists():
+            return []
+        return [row for _, row in self._metric_lines() if row is not None]
+
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every evaluation recorded so far (lines cut short by a crash are skipped)."""
+        """`evaluations`, or `CharLMError` when there are none to show."""
         if not self.metrics.exists():
             raise CharLMError(f"{self.path}: no metrics.jsonl (is it a charlm run folder?)")
-        rows = [row for _, row in self._metric_lines() if row is not None]
+        rows = self.evaluations()
         if not rows:
             raise CharLMError(f"{self.metrics}: holds no evaluations yet")
         return rows

@@ -12,6 +12,7 @@
     divergence.py   when a step has diverged
     distributed.py  torchrun / DDP, and a no-op stand-in for one process
     events.py       what training reports (Callbacks) and returns (TrainResult)
+    tensorboard_log.py  --tensorboard: the metrics and previews as TensorBoard event files
 
 Imports: everything below it (config, data, storage, model, generation, the leaves); never
 `api`, analysis, serving or the CLI.

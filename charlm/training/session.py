@@ -6,6 +6,7 @@ loop. It reports through `Callbacks` and stops cleanly when `pending_signal()` r
 signal number: the step finishes, `latest.pt` is saved, and `TrainingInterrupted` is raised.
 What a resume may change is `charlm.training.resuming`'s; what is checked around the writes
 (the lock, the disk), `charlm.training.preflight`'s; the memory a run needs, `charlm.training.memory`'s.
+With `--tensorboard`, the events are `charlm.training.tensorboard_log`'s.
 
 Launched by torchrun, every process calls these functions; they train one model together,
 and rank 0 alone reports and writes files. Bad input that one rank finds stops every rank.
@@ -33,10 +34,10 @@ from charlm.errors import CharLMError
 from charlm.storage import checkpoint as ckpt_io
 from charlm.storage.checkpoint import BudgetState
 from charlm.storage.rundir import RunDir
-from charlm.training import memory, preflight
+from charlm.training import memory, preflight, tensorboard_log
 from charlm.training.budget import Clock, TimeBudget, guess_eval_seconds
 from charlm.training.distributed import Dist, env_rank, from_env, world_size
-from charlm.training.events import Callbacks, StartInfo, TrainResult
+from charlm.training.events import Callbacks, EvalRecord, Fanout, StartInfo, TrainResult
 from charlm.training.finetune import SHAPE, adopt, describe, init_record, init_weights, load_base
 from charlm.training.planner import Plan
 from charlm.training.probe import plan_run, remember_speed
@@ -60,6 +61,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
     used as it is. With `cfg.train.init_from`, the run starts from that checkpoint's weights
     and takes its model settings, except the ones chosen (`charlm.training.finetune`)."""
     cfg.validate()
+    tensorboard_log.require(cfg.session.tensorboard)  # before the lock: a refusal leaves --out untouched
     use_planner = explicit is not None if planner is None else planner
     run_dir = RunDir(out_dir)
     lock = run_dir.lock(label=f"--out {run_dir.path}")
@@ -67,6 +69,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
     resolve_precision(cfg.session.precision, device)  # a precision this machine lacks is refused now
     d, device = from_env(device)
     trainer: Trainer | None = None
+    board = _board(cfg, run_dir, d)
     try:
         # Rank 0 alone writes into --out, so its check is the one that counts; a refusal stops
         # every rank (and is printed once). No rank goes on before it is done.
@@ -74,7 +77,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
         base = None
         if cfg.train.init_from:
             base, cfg = d.all_or_none(lambda: _start_from(cfg, run_dir, force, explicit))
-        callbacks = _for_rank(callbacks or Callbacks(), d)
+        callbacks = _for_rank(callbacks or Callbacks(), d, board)
         if corpus is None:
             corpus = d.local_first(lambda: encode_corpus(specs, encoding, progress=callbacks.on_progress))
         callbacks.on_message(corpus_note(corpus))
@@ -112,6 +115,7 @@ def fit(cfg: RunConfig, specs: list[str] | None, out_dir: Path | str, *, encodin
             callbacks.on_start(start_info(trainer, budget, resumed=False))
             return _remembered(trainer.loop(budget, callbacks, pending_signal), trainer, budget)
     finally:
+        _close(board)
         _let_go(trainer, d)
         lock.release()
         d.close()
@@ -153,14 +157,17 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
             rules = resume_settings(ck, str(path), changes or {}, config_file, world_size(), _device_available)
             device = resolve_device(rules.cfg.session.device)
             resolve_precision(rules.cfg.session.precision, device)
+            tensorboard_log.require(rules.cfg.session.tensorboard)
         except CharLMError as exc:
             refusal, device = refusal or exc, torch.device("cpu")
         d, device = from_env(device)
         trainer: Trainer | None = None
+        board: tensorboard_log.TensorBoardLog | None = None
         try:
             d.all_or_none(lambda: preflight.raise_if(refusal))
             preflight.same_checkpoint(d, stamp, path)
-            callbacks = _for_rank(callbacks or Callbacks(), d)
+            board = _board(rules.cfg, run_dir, d)
+            callbacks = _for_rank(callbacks or Callbacks(), d, board)
             corpus = d.local_first(lambda: reopen_corpus(ck.corpus, path, ck.vocab, progress=callbacks.on_progress))
             vocab = Vocab(ck.vocab)  # the corpus's, merged with a fine-tuned run's base and markers
             cfg = rules.cfg
@@ -184,6 +191,7 @@ def resume(path: Path | str, changes: dict[str, Any] | None = None, *, config_fi
                     callbacks.on_message(note)
                 return _remembered(trainer.loop(budget, callbacks, pending_signal), trainer, budget)
         finally:
+            _close(board)
             _let_go(trainer, d)
             d.close()
     finally:
@@ -243,8 +251,23 @@ class _StartOnly(Callbacks):
         self.inner.on_start(info)
 
 
-def _for_rank(callbacks: Callbacks, d: Dist) -> Callbacks:
-    return callbacks if d.is_main else _StartOnly(callbacks)
+def _for_rank(callbacks: Callbacks, d: Dist, board: tensorboard_log.TensorBoardLog | None = None) -> Callbacks:
+    if not d.is_main:
+        return _StartOnly(callbacks)
+    # The board first: its start (opening the event file, importing TensorBoard: about a
+    # second) comes before the reporter's, so the progress bar's clock does not count it.
+    return callbacks if board is None else Fanout(board, callbacks)
+
+
+def _board(cfg: RunConfig, run_dir: RunDir, d: Dist) -> tensorboard_log.TensorBoardLog | None:
+    """A --tensorboard session's event files, rank 0's alone (opened when training starts)."""
+    return tensorboard_log.TensorBoardLog(run_dir.tensorboard) if cfg.session.tensorboard and d.is_main else None
+
+
+def _close(board: tensorboard_log.TensorBoardLog | None) -> None:
+    """Flush and close the event file, however the session ended."""
+    if board is not None:
+        board.close()
 
 
 def corpus_note(corpus: EncodedCorpus) -> str:
@@ -267,10 +290,12 @@ def start_info(trainer: Trainer, budget: TimeBudget, resumed: bool) -> StartInfo
 
 
 def _remembered(result: TrainResult, trainer: Trainer, budget: TimeBudget) -> TrainResult:
-    """`result`, after the session's own speed is kept for the planner of the next run."""
+    """`result` with the run's evaluations, after the session's own speed is kept for the
+    planner of the next run."""
     if trainer.dist.is_main:
         remember_speed(trainer.cfg, len(trainer.vocab), trainer.device, budget.state.sec_per_step,
                        budget.session_steps)
+        result.metrics = [EvalRecord.from_row(row) for row in trainer.run_dir.evaluations()]
     return result
 
 
