@@ -9,8 +9,9 @@ Python API (the CLI uses the same functions)::
         print(ch, end="", flush=True)
 
     cfg = charlm.RunConfig()                 # defaults; tweak cfg.model / cfg.train / cfg.session
-    charlm.fit(cfg, ["corpus.txt"], "runs/mine")
-    charlm.resume("runs/mine/latest.pt", {"max_steps": 4000})
+    result = charlm.fit(cfg, ["corpus.txt"], "runs/mine")   # a progress bar (a widget in Jupyter)
+    result.metrics, result.best, result.report                # the evaluations, best.pt, report.html
+    charlm.resume("runs/mine/latest.pt", {"max_steps": 4000}, quiet=True)
 
 Attributes are imported lazily so that `import charlm` (and `charlm --help`) does not
 load PyTorch.
@@ -36,8 +37,9 @@ __all__ = [
 _LAZY = {
     "load": ("charlm.api", "load"),
     "CharLM": ("charlm.api", "CharLM"),
-    "fit": ("charlm.training.session", "fit"),
-    "resume": ("charlm.training.session", "resume"),
+    # With progress (tqdm.auto), the loss plot and the run's report, as `charlm train` shows them.
+    "fit": ("charlm.cli.notebook", "fit"),
+    "resume": ("charlm.cli.notebook", "resume"),
     "RunConfig": ("charlm.config.run", "RunConfig"),
     "ModelConfig": ("charlm.config.run", "ModelConfig"),
     "TrainConfig": ("charlm.config.run", "TrainConfig"),

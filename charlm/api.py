@@ -194,6 +194,7 @@ class CharLM:
             "device_trained": ck.trained_on.device,
             "precision": ck.trained_on.precision,
             "processes": ck.trained_on.world_size,
+            "machine": ck.trained_on.machine,
             "plan": ck.planner["summary"] if ck.planner else None,
             "corpus": {"sources": corpus.get("specs"), "documents": len(corpus.get("documents", [])),
                        "chars": corpus.get("chars"), "sha256": corpus.get("sha256")},

@@ -1,11 +1,16 @@
-"""Device and precision choice: `auto` picks CUDA, then MPS, then CPU; bf16 only where it pays."""
+"""Device and precision choice: `auto` picks CUDA, then MPS, then CPU; bf16 only where it pays.
+And what a machine is, for the planner's speed cache and a run's record (`machine`)."""
 
 from __future__ import annotations
+
+import platform
+from pathlib import Path
 
 import torch
 
 from charlm.errors import CharLMError
 
+_KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what picks oneDNN's kernels
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,3 +66,25 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return _DTYPES[precision]
+
+
+def machine(device: torch.device) -> str:
+    """What a step's speed depends on besides the model: the GPU, or the CPU's model, the
+    instruction sets its kernels use and the threads; and PyTorch's version."""
+    if device.type == "cuda":
+        where = f"cuda {torch.cuda.get_device_name(device)}"
+    else:
+        model, flags = platform.processor() or platform.machine(), set()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+        except OSError:
+            pass
+        kernels = " ".join(f for f in _KERNEL_FLAGS if f in flags)
+        where = f"{device.type} {model} [{kernels}] threads={torch.get_num_threads()}"
+    return f"{where} torch={torch.__version__}"

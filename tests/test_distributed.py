@@ -70,7 +70,8 @@ def test_two_processes_train_one_model_and_it_resumes_in_one(corpus: Path, tmp_p
     assert len(digests) == 2 and digests[0] == digests[1]
     # Rank 0 alone wrote: one set of files, one metrics line per evaluation, one report.
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [
-        "best.pt", "config.toml", "latest.pt", "metrics.jsonl", "step-0000010.pt", "step-0000020.pt"]
+        "README.md", "best.pt", "config.toml", "latest.pt", "metrics.jsonl", "report.html", "step-0000010.pt",
+        "step-0000020.pt"]
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [10, 20]
     assert proc.stderr.count("charlm: training:") == 1 and "x 2 processes" in proc.stderr
     assert proc.stderr.count("charlm: finished") == 1

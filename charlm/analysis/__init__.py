@@ -6,6 +6,7 @@
     unit_finder.py   the units that track quotes, brackets, line position...
     inspect_page.py  the inspector's self-contained HTML page
     plot.py          the training curves (loss.png)
+    report.py        the run's report page and README card
 
 Imports: `api` and everything below it; never serving or the CLI.
 """

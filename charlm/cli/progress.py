@@ -1,4 +1,5 @@
-"""What a user sees during training: a tqdm bar on a terminal, plain lines otherwise.
+"""What a user sees during training: a tqdm bar on a terminal (or a notebook's widget, given
+`tqdm.auto`'s bar), plain lines otherwise.
 
 Part of the CLI layer (the library reports through `Callbacks`; this draws it on stderr).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -25,10 +27,13 @@ def _columns(stream: Any) -> int:
 class Reporter(Callbacks):
     """Progress bar, evaluation lines, live previews and the closing summary, on stderr."""
 
-    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+    def __init__(self, quiet: bool = False, stream: Any = None, bar: Callable[..., Any] | None = None) -> None:
+        """`bar`: a tqdm class that draws without a terminal (a notebook's widget): bars are then
+        drawn whatever `stream` is. Without it, tqdm's own bars, on a terminal only."""
         self.quiet = quiet
         self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar_class: Callable[..., Any] = bar or tqdm
+        self.tty = bar is not None or bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar: tqdm | None = None  # training steps
         self.corpus_bar: tqdm | None = None  # hashing / encoding the corpus
         self.encoding_noted = False  # said (off a terminal) that encoding started
@@ -59,11 +64,19 @@ class Reporter(Callbacks):
         bar = self.corpus_bar
         if bar is None or bar.desc != stage:
             self._end_corpus_bar()
-            bar = self.corpus_bar = tqdm(total=total or None, file=self.stream, desc=stage, unit="B",
+            bar = self.corpus_bar = self._new_bar(total=total or None, file=self.stream, desc=stage, unit="B",
                             unit_scale=True, unit_divisor=1024, leave=False, mininterval=0.5,
                             dynamic_ncols=_columns(self.stream) > 0,
                             ncols=None if _columns(self.stream) > 0 else 100)
         bar.update(done - bar.n)
+
+    def _new_bar(self, **options: Any) -> tqdm:
+        if self.bar_class is not tqdm:  # a widget sizes itself; terminal columns mean nothing to it
+            options = {k: v for k, v in options.items() if k not in ("ncols", "dynamic_ncols")}
+        try:
+            return self.bar_class(**options)
+        except ImportError:  # tqdm.notebook without ipywidgets: a text bar instead
+            return tqdm(**options)
 
     def _end_corpus_bar(self) -> None:
         if self.corpus_bar is not None:
@@ -91,7 +104,7 @@ class Reporter(Callbacks):
             # A pseudo-terminal may report 0 columns (script, some CI consoles): tqdm would then
             # draw an empty bar, so fall back to a fixed width there.
             wide = _columns(self.stream) > 0
-            self.bar = tqdm(total=info.total_steps, initial=info.step, file=self.stream,
+            self.bar = self._new_bar(total=info.total_steps, initial=info.step, file=self.stream,
                             unit="step", dynamic_ncols=wide, ncols=None if wide else 100,
                             leave=True)
 
@@ -154,6 +167,9 @@ class Reporter(Callbacks):
             lines.append(f"  train on: charlm resume {latest} --max-steps {result.step * 2}")
         else:
             lines.append(f"  resume:  charlm resume {latest}")
+        if result.report is not None:
+            card = f" (and its card, {result.card.name})" if result.card is not None else ""
+            lines.append(f"charlm: the run's report: {result.report}{card}")
         if result.plot is not None:
             lines.append(f"charlm: loss curves in {result.plot}")
         else:

@@ -1,4 +1,4 @@
-"""`charlm eval`, `info`, `plot` and `inspect`: what a checkpoint holds and how it reads text."""
+"""`charlm eval`, `info`, `plot`, `report` and `inspect`: what a checkpoint or run holds and how it reads text."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ def info(
             ("parameters", fmt(data["parameters"])), ("vocabulary", f"{data['vocab_size']} characters"),
             ("trained on", f"{data['device_trained']} ({data['precision']})"
              + (f" x {data['processes']} processes" if data["processes"] > 1 else "")),
+            ("machine", data["machine"] or "- (not recorded: written before charlm kept it)"),
             ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
             ("corpus sha256", str(c["sha256"])),
             ("plan", data["plan"] or "- (settings as given)")]
@@ -133,6 +134,22 @@ def plot(
 
     path = plot_run(run_dir)
     print(path)
+
+
+@app.command()
+@handle_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (its checkpoints and metrics.jsonl).")] = DEFAULT_OUT,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Write RUN_DIR/report.html (curves, plan, scores, samples, next commands: one self-contained
+    page) and RUN_DIR/README.md (the same facts in text), from what the folder holds."""
+    from charlm.analysis.report import write_report
+
+    files = write_report(run_dir, device=device)
+    print(files.page)
+    if files.card is not None:
+        print(files.card)
 
 
 @app.command("inspect")

@@ -101,9 +101,7 @@ def train(
 
 def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult]) -> None:
     """Run a training session with the progress reporter and Ctrl-C/SIGTERM handling, then
-    print the summary (and draw the loss plot when matplotlib is installed; it is optional)."""
-    import importlib.util
-
+    print the summary, after the plot and the report (`explain_run`)."""
     from charlm.cli.progress import Reporter
     from charlm.training.events import Fanout
 
@@ -117,14 +115,34 @@ def _with_progress(quiet: bool, run: Callable[[Callbacks, StopFlag], TrainResult
         reporter.close()
     if not main:
         return
-    if importlib.util.find_spec("matplotlib") is not None and (result.out_dir / "metrics.jsonl").exists():
+    explain_run(result, lambda text: err(f"charlm: warning: {text}"))
+    reporter.summary(result)
+
+
+def explain_run(result: TrainResult, warn: Callable[[str], None]) -> None:
+    """After a session: draw the loss plot (when matplotlib is installed; it is optional) and
+    write the run's report page and card (`charlm.analysis.report`) into its folder. Both are
+    conveniences made from the saved run, so a failure only warns (`charlm report` and
+    `charlm plot` remake them)."""
+    import importlib.util
+
+    if not result.metrics:  # no evaluation yet: nothing to draw or report
+        return
+    if importlib.util.find_spec("matplotlib") is not None:
         from charlm.analysis.plot import plot_run
 
         try:
             result.plot = plot_run(result.out_dir)
-        except Exception as exc:  # the plot is a convenience: the run is saved, so it only warns
-            err(f"charlm: warning: could not draw the loss plot: {exc}")
-    reporter.summary(result)
+        except Exception as exc:
+            warn(f"could not draw the loss plot: {exc}")
+    from charlm.analysis.report import write_report
+
+    try:
+        files = write_report(result.out_dir)
+    except Exception as exc:
+        warn(f"could not write the run's report: {exc} (try: charlm report {result.out_dir})")
+        return
+    result.report, result.card = files.page, files.card
 
 
 @app.command()

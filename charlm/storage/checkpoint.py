@@ -17,7 +17,8 @@ is a `Checkpoint`, grouped by concern::
     hidden                     the carried hidden state of every stream
     ranks                      per process: RNG states, loss window, weight digest
     corpus                     sources, documents, SHA-256 of their bytes, size, encoding
-    trained_on                 device, precision, process count
+    trained_on                 device, precision, process count, the machine (CPU model and
+                               kernels, or GPU; threads; PyTorch: "" in files older than it)
     init                       where a fine-tuned run started: the checkpoint's path, step,
                                corpus sources and SHA-256, the vocabulary merge ({}: from scratch)
     planner                    what the planner chose and why (None: the settings were given)
@@ -101,6 +102,7 @@ class TrainedOn:
     device: str = "cpu"
     precision: str = "fp32"
     world_size: int = 1
+    machine: str = ""  # `charlm.device.machine`; files written before it hold none
 
 
 @dataclass

@@ -7,11 +7,12 @@ decides what to show. Every method is optional.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from charlm.config.run import RunConfig
+from charlm.storage.rundir import BEST, RunDir
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class EvalRecord:
     lr: float
     elapsed: float
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> EvalRecord:
+        """A line of `metrics.jsonl` (keys this version does not know are left out)."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
 
 @dataclass
 class TrainResult:
@@ -76,6 +82,21 @@ class TrainResult:
     stopped_early: bool = False  # --patience ended it: held-out bpc had stopped improving
     # This session's seconds: training, evaluation, saving, planning and their total.
     seconds: dict[str, float] = field(default_factory=dict)
+    # Every evaluation of the run so far (earlier sessions' too), as `metrics.jsonl` holds them.
+    metrics: list[EvalRecord] = field(default_factory=list)
+    report: Path | None = None  # report.html, when the caller made the run's report
+    card: Path | None = None  # README.md beside it (None: not written, e.g. a README that is not charlm's)
+
+    @property
+    def latest(self) -> Path:
+        """The checkpoint to resume from."""
+        return RunDir(self.out_dir).latest
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint with the lowest held-out bpc (to sample from), else the latest."""
+        best = self.out_dir / BEST
+        return best if best.exists() else self.latest
 
 
 class Callbacks:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -31,7 +30,7 @@ from charlm.data.cache import default_cache_dir
 from charlm.data.records import RecordSet
 from charlm.data.streams import Ids, split_data
 from charlm.data.vocab import Vocab
-from charlm.device import resolve_precision
+from charlm.device import machine, resolve_precision
 from charlm.fs import write_atomic
 from charlm.storage.rundir import RunDir
 from charlm.training.budget import UNTIMED_STEPS, TimeBudget
@@ -77,35 +76,10 @@ def time_steps(trainer: Trainer, steps: int, clock: Callable[[], float] = time.p
 
 SPEEDS_ENV = "CHARLM_SPEEDS"
 SPEEDS_FORMAT = 1  # bump when the key or what is measured changes
-_KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what picks oneDNN's kernels
-
-
 def speeds_file() -> Path:
     """$CHARLM_SPEEDS, else speeds.json in the corpus cache folder."""
     return Path(os.environ[SPEEDS_ENV]).expanduser() if os.environ.get(SPEEDS_ENV) else \
         default_cache_dir() / "speeds.json"
-
-
-def machine(device: torch.device) -> str:
-    """What a step's speed depends on besides the model: the GPU, or the CPU's model, the
-    instruction sets its kernels use and the threads; and PyTorch's version."""
-    if device.type == "cuda":
-        where = f"cuda {torch.cuda.get_device_name(device)}"
-    else:
-        model, flags = platform.processor() or platform.machine(), set()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-        except OSError:
-            pass
-        kernels = " ".join(f for f in _KERNEL_FLAGS if f in flags)
-        where = f"{device.type} {model} [{kernels}] threads={torch.get_num_threads()}"
-    return f"{where} torch={torch.__version__}"
 
 
 def speed_key(shape: Shape, vocab_size: int, device: torch.device, precision: str,

@@ -29,7 +29,7 @@ from charlm.data.record_batch import RecordBatcher
 from charlm.data.records import RecordSet, RecordSplit
 from charlm.data.streams import Ids, StreamBatcher, split_data
 from charlm.data.vocab import Vocab
-from charlm.device import autocast_dtype, resolve_precision
+from charlm.device import autocast_dtype, machine, resolve_precision
 from charlm.errors import Diverged, TrainingInterrupted, WriteFailed
 from charlm.generation.sampler import Sampler
 from charlm.model.network import CharRNN, State, detach_state, state_from_list, state_to_list
@@ -71,6 +71,7 @@ class Trainer:
         self.dist = d = dist or Dist()
         tc = cfg.train
         self.precision = resolve_precision(cfg.session.precision, device)
+        self.machine = machine(device)  # read once: every checkpoint records it
         # --batch-size streams per process: the text is cut into batch_size x world_size
         # streams, and each rank trains on its own block of them.
         mine = range(d.rank * tc.batch_size, (d.rank + 1) * tc.batch_size)
@@ -144,7 +145,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
             progress=progress, budget=budget, hidden=all_hidden, ranks=ranks,
-            trained_on=TrainedOn(self.device.type, self.precision, len(ranks)), init=self.init,
+            trained_on=TrainedOn(self.device.type, self.precision, len(ranks), self.machine), init=self.init,
             planner=self.planner)
 
     def load(self, ck: Checkpoint, path: Path | None = None) -> None:
