@@ -20,7 +20,8 @@ from charlm.cli import main
 from charlm.config.run import ModelConfig
 from charlm.config.sampling import SampleOptions
 from charlm.data.vocab import Vocab
-from charlm.generation.sampler import Sampler, _read
+from charlm.generation.batch import _read
+from charlm.generation.sampler import Sampler
 from charlm.generation.stepper import Stepper
 from charlm.model.network import CharRNN
 

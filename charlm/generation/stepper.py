@@ -73,7 +73,15 @@ class Stepper:
         self.head_w = model.head.weight.detach().to(device).t().contiguous()  # (H, V)
         self.head_b = model.head.bias.detach().to(device)
         self.vocab_size = self.head_w.shape[1]
+        self.dtype, self.device = dtype, device
+        self.resize(n)
 
+    def resize(self, n: int) -> None:
+        """Buffers for `n` rows, every state zero (the weights are kept): a batch whose rows
+        change (`charlm.generation.batch`) fills them with `set_rows`."""
+        L, H, dtype, device = self.L, self.H, self.dtype, self.device
+        G = GATES[self.cell]
+        self.n = n
         self.hs = torch.zeros(n, L * H, dtype=dtype, device=device)  # [h_0 | h_1 | ...]
         self.h = [self.hs[:, l * H:(l + 1) * H] for l in range(L)]  # views, (N, H)
         # [h_{l-1} | h_l] for layers above 0 (layer 0 reads its input from `table`)
@@ -97,6 +105,16 @@ class Stepper:
             self.z = [g[l, :, H:2 * H] for l in range(L)]
             self.cand = [g[l, :, 2 * H:] for l in range(L)]
             self.ghn = [self.gh[l, :, 2 * H:] for l in range(L)]
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every row's state: h as (N, L*H) and, for an LSTM, c as (L, N, H) (views)."""
+        return self.hs, self.c if self.cell == "lstm" else None
+
+    def set_rows(self, hs: torch.Tensor, c: torch.Tensor | None) -> None:
+        """Set every row's state from (N, L*H) and, for an LSTM, (L, N, H) tensors."""
+        self.hs.copy_(hs)
+        if c is not None:
+            self.c.copy_(c)
 
     def set_state(self, state: State) -> None:
         """Start every row from `state` ((L, 1 or N, H) tensors, as the model returns)."""
