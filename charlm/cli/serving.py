@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from charlm.cli.app import CheckpointArg, DeviceOpt, app, derived_options, err, handle_errors
-from charlm.config.serving import ServeSettings
+from charlm.config.serving import TOKEN_ENV, ServeAccess, ServeSettings
 from charlm.errors import CharLMError, require_extra
 
 
@@ -21,20 +21,40 @@ from charlm.errors import CharLMError, require_extra
 def serve(
     checkpoint: CheckpointArg,
     host: Annotated[str, typer.Option(
-        "--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+        "--host", help="Address to listen on (127.0.0.1: this machine only; any other needs a token "
+        "or --no-auth).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(
         "--port", help="Port to listen on (0: any free port; the line on stderr says which).")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar=TOKEN_ENV, show_envvar=True, show_default=False, metavar="TOKEN",
+        help="Require the header Authorization: Bearer TOKEN on every endpoint but the page and "
+        f"/health. Given here it is visible to every user of this machine (ps): set {TOKEN_ENV} "
+        "instead.")] = None,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="Listen beyond this machine with no token: anyone who can reach the port "
+        "can use the server.")] = False,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", metavar="NAME", show_default=False,
+        help="Also answer requests for this host name (repeat it, or a comma list; *.example.com: "
+        "its subdomains): the name clients or a reverse proxy use. localhost and the address "
+        "served are always answered.")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(
+        "--cors-origin", metavar="ORIGIN", show_default=False,
+        help="Let pages of this origin (https://app.example.com) call the API from a browser "
+        "(repeat it, or a comma list); pages of other sites are refused.")] = None,
     device: DeviceOpt = "cpu",
     **limits: Any,
 ) -> None:
     """HTTP API (POST /generate, GET /info, GET /health) and a playground page at /."""
+    settings = ServeSettings(**limits).check()
+    # Before anything is loaded or listened on: a server open to other machines is refused here.
+    access = ServeAccess.from_flags(host, token, allowed_host, cors_origin).check(no_auth)
     require_extra("charlm serve", "serve", "fastapi", "uvicorn")
     import uvicorn
 
     from charlm.api import load
     from charlm.serving.app import create_app
 
-    settings = ServeSettings(**limits).check()
     lm = load(checkpoint, device=device)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -46,9 +66,10 @@ def serve(
         raise CharLMError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    guarded = "token required" if access.token else "no token"
     err(f"charlm: serving {checkpoint} at http://{shown}:{bound}/ (playground at /, "
-        f"API: POST /generate, GET /info, GET /health); Ctrl-C stops")
-    config = uvicorn.Config(create_app(lm, settings), log_level="warning", access_log=False,
+        f"API: POST /generate, GET /info, GET /health; {guarded}); Ctrl-C stops")
+    config = uvicorn.Config(create_app(lm, settings, access), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -8,7 +8,10 @@
 
 Concurrency: one generation worker thread owns the model (`charlm.serving.worker`); a client that
 disconnects cancels its request's job. Every limit is a `ServeSettings` field and a
-`charlm serve` flag.
+`charlm serve` flag; one client address may hold only its share of the requests in flight.
+
+Who may ask: `charlm.serving.security` (Host, Origin and token checks in front of the app, as
+`ServeAccess` says; closed by default).
 
 Bad requests get a 4xx JSON error `{"error": ..., "field": ...}` naming the field: the
 request schema is a pydantic model (strict types, unknown fields refused) and the sampling
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict
 from importlib import resources
@@ -35,8 +38,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from charlm import __version__
 from charlm.api import CharLM
 from charlm.config.sampling import SampleOptions
-from charlm.config.serving import ServeSettings
+from charlm.config.serving import ServeAccess, ServeSettings
 from charlm.errors import CharLMError
+from charlm.serving.security import error_response, guard
 from charlm.serving.worker import GenerationWorker, Job, RequestError, from_charlm_error
 
 
@@ -55,13 +59,6 @@ class GenerateRequest(BaseModel):
     num_samples: int = 1
     unknown: str = SampleOptions.unknown
     stream: bool = False
-
-
-def error_response(status: int, field: str | None, message: str,
-                   headers: Mapping[str, str] | None = None) -> Response:
-    # ensure_ascii: a field name or value may hold lone surrogates, which UTF-8 cannot encode.
-    body = json.dumps({"error": message, "field": field}, ensure_ascii=True, separators=(",", ":"))
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def from_validation_error(exc: ValidationError) -> RequestError:
@@ -170,23 +167,33 @@ def _merge(chunks: list[list[str]], n: int) -> list[str]:
 
 
 class InFlight:
-    """Requests admitted and not yet answered, bounded by `--max-in-flight` (touched by the
-    event loop's thread only)."""
+    """Requests admitted and not yet answered: at most `limit` in all (--max-in-flight) and
+    `per_client` from one client address (--max-per-client), so one client cannot take every
+    slot. Touched by the event loop's thread only."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.count = limit, 0
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit, self.per_client, self.count = limit, per_client, 0
+        self.clients: dict[str, int] = {}  # only clients with requests in flight
 
-    def check(self) -> None:
-        """Refuse (503) a request when `limit` are in flight."""
+    def check(self, client: str) -> None:
+        """Refuse a request from `client` when it holds its share (429) or the server is full (503)."""
+        held = self.clients.get(client, 0)
+        if held >= self.per_client:
+            raise RequestError(429, None, f"too many requests from this client: {held} in flight "
+                               f"(--max-per-client {self.per_client}); retry when one ends")
         if self.count >= self.limit:
             raise RequestError(503, None, f"server busy: {self.count} requests in flight "
                                f"(--max-in-flight {self.limit}); retry later")
 
-    def enter(self) -> None:
+    def enter(self, client: str) -> None:
         self.count += 1
+        self.clients[client] = self.clients.get(client, 0) + 1
 
-    def leave(self) -> None:
+    def leave(self, client: str) -> None:
         self.count -= 1
+        self.clients[client] -= 1
+        if not self.clients[client]:
+            del self.clients[client]
 
 
 class Server:
@@ -197,7 +204,7 @@ class Server:
         self.info = lm.info()  # now, in the caller's thread: the worker owns the model from here on
         self.worker = GenerationWorker(lm, settings)
         self.page = resources.files("charlm").joinpath("templates/playground.html").read_text("utf-8")
-        self.in_flight = InFlight(settings.max_in_flight)
+        self.in_flight = InFlight(settings.max_in_flight, settings.per_client())
 
     async def playground(self) -> HTMLResponse:
         return HTMLResponse(self.page)
@@ -208,7 +215,8 @@ class Server:
     async def health(self) -> JSONResponse:
         ok = self.worker.alive
         return JSONResponse({"status": "ok" if ok else "error", "in_flight": self.in_flight.count,
-                             **self.worker.counts(), "limits": asdict(self.settings)},
+                             **self.worker.counts(),
+                             "limits": {**asdict(self.settings), "max_per_client": self.in_flight.per_client}},
                             status_code=200 if ok else 503)
 
     async def generate(self, request: Request) -> Response:
@@ -219,9 +227,12 @@ class Server:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         opts = sample_options(req, self.lm, self.settings)
-        self.in_flight.check()
+        # The client's address (behind a proxy on this machine, the one it forwards: uvicorn
+        # trusts X-Forwarded-For from 127.0.0.1 and ::1).
+        client = request.client.host if request.client else ""
+        self.in_flight.check(client)
         job = self.worker.submit(opts)
-        release = self._admitted(job)
+        release = self._admitted(job, client)
         if not req.stream:
             try:
                 return await self._collect(request, job)
@@ -235,17 +246,17 @@ class Server:
             raise
         return _JobStream(self._events(job, first, finished), release)
 
-    def _admitted(self, job: Job) -> Callable[[], None]:
-        """Count `job`'s request in flight; the function returned ends it once, however it ends
-        (and cancels the job: a no-op when it finished)."""
-        self.in_flight.enter()
+    def _admitted(self, job: Job, client: str) -> Callable[[], None]:
+        """Count `job`'s request (from `client`) in flight; the function returned ends it once,
+        however it ends (and cancels the job: a no-op when it finished)."""
+        self.in_flight.enter(client)
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight.leave()
+                self.in_flight.leave(client)
                 self.worker.cancel(job)
 
         return release
@@ -295,8 +306,9 @@ class Server:
         return JSONResponse({"text": samples[0], "samples": samples, "seed": job.opts.seed})
 
 
-def create_app(lm: CharLM, settings: ServeSettings | None = None) -> FastAPI:
-    """The ASGI app serving `lm`; run it with uvicorn (`charlm serve` does)."""
+def create_app(lm: CharLM, settings: ServeSettings | None = None, access: ServeAccess | None = None) -> FastAPI:
+    """The ASGI app serving `lm`, answering whom `access` lets in (by default: this machine's
+    requests to 127.0.0.1, no token); run it with uvicorn (`charlm serve` does)."""
     server = Server(lm, (settings or ServeSettings()).check())
 
     @asynccontextmanager
@@ -312,6 +324,7 @@ def create_app(lm: CharLM, settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPI(title="charlm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = server.worker
     app.add_middleware(BodyLimit, max_body=server.settings.max_body)
+    guard(app, access or ServeAccess())  # added after BodyLimit, so its checks run first
     app.add_exception_handler(RequestError, _request_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _bug)
@@ -324,7 +337,7 @@ def create_app(lm: CharLM, settings: ServeSettings | None = None) -> FastAPI:
 
 
 async def _request_error(request: Request, exc: RequestError) -> Response:
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
     return error_response(exc.status, exc.field, exc.message, headers)
 
 
