@@ -1,7 +1,7 @@
 """Load test of `charlm serve` on the loopback address, against separate `charlm sample` runs.
 
-    python benchmarks/serve_load.py [--checkpoint FILE] [--clients 1,8,32] [--length 500]
-                                    [--rounds 3] [--no-processes] [--timeout 300]
+    python benchmarks/serve_load.py [--checkpoint FILE] [--clients 1,8,32,64] [--length 500]
+                                    [--rounds 3] [--no-processes] [--threads 1] [--timeout 300]
 
 Starts `charlm serve CHECKPOINT --host 127.0.0.1 --port 0` and, for each N in --clients, runs
 N concurrent clients, each asking --rounds times for --length characters as a stream
@@ -11,7 +11,11 @@ p50/p95 latency to the first character and to the end, and the server's resident
 started at once (each with OMP_NUM_THREADS=1, what N processes on few cores want), timed
 the same way: to the first character on stdout and to the process's end.
 
-The largest level runs a second time, so memory that grows with use would show. A fairness
+The largest level runs a second time, so memory that grows with use would show. "targets"
+checks issue 24's bar, all from this one run: total chars/s at 32 clients >= 8x that of 1
+client, p50 first character at 32 clients <= 50 ms, no failures at any level, and the
+server's memory bounded (its peak in the repeated largest level no more than 10 % above the
+first pass's). A fairness
 check follows: the latency of a short request (50 characters) alone, and while a long one
 (--long-length characters) is being generated. For scale, the library's own single-stream
 speed (`CharLM.sample`, no HTTP) is measured in a separate process.
@@ -250,14 +254,42 @@ def cpu_name() -> str:
         return platform.processor()
 
 
+def cpu_flags() -> list[str]:
+    """The instruction sets that pick PyTorch's CPU kernels, as lscpu lists them."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    m = re.search(r"Flags:\s*(.+)", out)
+    flags = set(m.group(1).split()) if m else set()
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+
+
+def targets(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 24's bar, read off this run's levels (None where a level was not run)."""
+    by = {lv["clients"]: lv for lv in levels}
+    one, many = by.get(1), by.get(32)
+    ratio = round(many["chars_per_s"] / one["chars_per_s"], 2) if one and many and one["chars_per_s"] else None
+    first = many["first_char_ms"]["p50"] if many and many["first_char_ms"] else None
+    largest = [lv for lv in levels if lv["clients"] == levels[-1]["clients"]]
+    growth = (round(largest[-1]["server_rss_mb"]["peak"] / largest[0]["server_rss_mb"]["peak"], 3)
+              if len(largest) > 1 else None)
+    failures = sum(lv["failed"] + lv["hung_clients"] for lv in levels)
+    return {"chars_per_s_32_over_1": ratio, "ok_ratio": ratio is not None and ratio >= 8,
+            "first_char_p50_ms_at_32": first, "ok_first_char": first is not None and first <= 50,
+            "failures": failures, "ok_failures": failures == 0,
+            "peak_rss_repeat_over_first": growth, "ok_memory": growth is not None and growth <= 1.10}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (default: train one)")
-    p.add_argument("--clients", default="1,8,32", help="comma list of concurrent clients")
+    p.add_argument("--clients", default="1,8,32,64", help="comma list of concurrent clients")
     p.add_argument("--length", type=int, default=500, help="characters per request")
     p.add_argument("--rounds", type=int, default=3, help="sequential requests per client")
     p.add_argument("--long-length", type=int, default=10_000, help="the fairness check's long request")
     p.add_argument("--no-processes", action="store_true", help="skip the charlm sample processes")
+    p.add_argument("--threads", type=int, default=1, help="the server's --threads (PyTorch CPU threads)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request (socket timeout)")
     args = p.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -275,7 +307,10 @@ def main() -> None:
         err_path = tmp / "serve.log"
         with open(err_path, "wb") as err:
             server = subprocess.Popen([*CHARLM, "serve", str(ckpt), "--host", "127.0.0.1", "--port", "0",
-                                       "--max-in-flight", str(max(64, max(levels)))],
+                                       "--max-in-flight", str(max(64, max(levels))),
+                                       # every client is 127.0.0.1 here: one address may hold them all
+                                       "--max-per-client", str(max(64, max(levels))),
+                                       "--threads", str(args.threads)],
                                       stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 120
         while not (m := re.search(r"at http://127\.0\.0\.1:(\d+)/", err_path.read_text())):
@@ -288,9 +323,10 @@ def main() -> None:
         rss_start = rss_mb(server.pid)
 
         result: dict[str, Any] = {
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "machine": {"cpu": cpu_name(), "flags": cpu_flags(), "cores": os.cpu_count(),
+                        "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d"), "load_avg_at_start": os.getloadavg()[0],
-            "checkpoint": str(ckpt), "length": args.length, "rounds": args.rounds,
+            "checkpoint": str(ckpt), "length": args.length, "rounds": args.rounds, "threads": args.threads,
             "library_single_stream_chars_per_s": library_speed(ckpt),
             "server": [], "processes": [],
         }
@@ -300,6 +336,8 @@ def main() -> None:
             level = server_level(port, server.pid, n, args.rounds, args.length, args.timeout)
             log(f"  {json.dumps(level)}")
             result["server"].append(level)
+        result["targets"] = targets(result["server"])
+        log(f"targets: {json.dumps(result['targets'])}")
         log("fairness: a short request alone and beside a long one...")
         result["fairness"] = fairness(port, args.long_length, args.timeout)
         result["server_rss_mb"] = {"after_warmup": round(rss_start, 1), "end": round(rss_mb(server.pid), 1)}

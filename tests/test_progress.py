@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
 import torch
@@ -88,16 +89,7 @@ def test_plot_without_matplotlib_says_how_to_install(runner, corpus_file, tmp_pa
     (out).mkdir()
     (out / "metrics.jsonl").write_text(json.dumps(
         {"step": 1, "chars": 10, "train_bpc": 3.0, "val_bpc": 3.1, "lr": 0.001, "elapsed": 1}) + "\n")
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_mpl(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
     res = runner.invoke(app, ["plot", str(out)])
     assert res.exit_code == 2
     assert "pip install 'charlm[plot]'" in res.stderr
