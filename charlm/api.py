@@ -183,6 +183,7 @@ class CharLM:
         return {
             "checkpoint": str(self.path),
             "format_version": ck.file_version,
+            "verified": ck.verified,  # its checksums were checked (False: a file older than them)
             "step": p.step,
             "total_steps": ck.budget.total_steps,
             "chars_seen": p.chars_seen,

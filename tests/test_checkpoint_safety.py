@@ -95,7 +95,7 @@ def make_bad(kind: str, folder: Path, good: Path, marker: Path) -> Path:
     elif kind in ("nan-weights", "inf-weights"):  # saved by a run that diverged (before charlm refused to)
         ck = raw(good)
         ck["model"]["head.weight"][0, 0] = float("nan") if kind == "nan-weights" else float("inf")
-        torch.save(ck, path)
+        torch.save(checkpoint.seal(ck), path)  # written so, checksums and all: not damage
     elif kind in ("newer", "version0"):
         ck = raw(good)
         ck["version"] = checkpoint.VERSION + 1 if kind == "newer" else 0
@@ -172,7 +172,7 @@ def test_loader_accepts_the_current_version_and_rejects_invalid_ones(trained_run
             checkpoint.load(path)
     ck["version"] = checkpoint.VERSION
     del ck["model"]
-    torch.save(ck, tmp_path / "incomplete.pt")
+    torch.save(checkpoint.seal(ck), tmp_path / "incomplete.pt")
     with pytest.raises(CharLMError, match="incomplete.*model"):
         checkpoint.load(tmp_path / "incomplete.pt")
     with pytest.raises(CharLMError, match="no such checkpoint"):
@@ -198,7 +198,7 @@ def test_sigkill_during_atomic_writes_never_leaves_a_broken_checkpoint(trained_r
     ck = raw(run / "latest.pt")
     ck["pad"] = torch.randn(700_000)  # ~2.8 MB: a write takes long enough to be cut in half
     buf = io.BytesIO()
-    torch.save(ck, buf)
+    torch.save(checkpoint.seal(ck), buf)
     new = buf.getvalue()
     versions = [new, old]
     targets = [run / "latest.pt", run / "best.pt"]
@@ -344,7 +344,7 @@ def test_checkpoint_from_cuda_resumes_and_samples_on_cpu(runner, trained_run, tm
     # Save every tensor tagged as living on cuda:0, as a GPU run writes them.
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-        torch.save(ck, run / "latest.pt")
+        torch.save(checkpoint.seal(ck), run / "latest.pt")
     if not torch.cuda.is_available():  # control: without map_location this file cannot load here
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(run / "latest.pt", weights_only=True)

@@ -83,7 +83,8 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_values(trained_run, n
     _plain(ck)
     assert ck["format"] == "charlm" and ck["version"] == checkpoint.VERSION
     assert set(ck) == {"format", "version", "model", "config", "vocab", "corpus", "optimizer", "scaler",
-                       "progress", "plan", "hidden", "ranks", "trained_on", "init", "planner", "live"}
+                       "progress", "plan", "hidden", "ranks", "trained_on", "init", "planner", "live", "digest"}
+    assert ck["digest"] == {"algorithm": "crc32", "parts": checkpoint.digests(ck)}
     # TINY: trained from scratch, no planner, no weight average.
     assert ck["init"] == {} and ck["planner"] is None and ck["live"] is None
     assert set(ck["progress"]) == {"step", "chars_seen", "elapsed", "best_val_bpc", "last_val_bpc",

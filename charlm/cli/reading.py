@@ -89,12 +89,19 @@ def eval_cmd(
 @app.command()
 @handle_errors
 def info(
-    checkpoint: CheckpointArg,
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A checkpoint file (with --verify: a run folder, or a file).", show_default=False)],
     as_json: JsonOpt = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check every checkpoint of the run folder against its checksums: one line each; "
+        "exit 2 if any is damaged.")] = False,
 ) -> None:
     """What a checkpoint holds: config, vocabulary, parameters, progress, corpus."""
     from charlm.api import load
 
+    if verify:
+        _verify_all(checkpoint, as_json)
+        return
     data = load(checkpoint).info()
     if as_json:
         print(json.dumps(data))
@@ -110,6 +117,8 @@ def info(
             ("trained on", f"{data['device_trained']} ({data['precision']})"
              + (f" x {data['processes']} processes" if data["processes"] > 1 else "")),
             ("machine", data["machine"] or "- (not recorded: written before charlm kept it)"),
+            ("checksums", "verified" if data["verified"] else
+             f"not verified (format {data['format_version']}: written before checkpoints carried them)"),
             ("corpus", f"{', '.join(c['sources'] or [])}: {fmt(c['documents'])} documents, {fmt(c['chars'])} chars"),
             ("corpus sha256", str(c["sha256"])),
             ("plan", data["plan"] or "- (settings as given)")]
@@ -122,6 +131,25 @@ def info(
     for section, values in data["config"].items():
         rows.extend((f"{section}.{k}", str(v)) for k, v in values.items())
     print(_table(rows))
+
+
+def _verify_all(target: Path, as_json: bool) -> None:
+    """`info --verify`: every checkpoint of a run folder (or one file), one line each."""
+    from charlm.storage.checkpoint import verify_files
+
+    results = verify_files(target)
+    if as_json:
+        print(json.dumps([{"checkpoint": str(p), "ok": ok, "verified": verified, "step": step, "problem": problem}
+                          for p, ok, verified, step, problem in results]))
+    else:
+        for path, ok, verified, step, problem in results:
+            state = ("ok" if verified else "ok, not verified (older format)") if ok else "DAMAGED"
+            where = f"step {step:,}" if step is not None else "-"
+            print(f"{state:<32} {where:<14} {path}" + (f"\n    {problem}" if problem else ""))
+    bad = [p for p, ok, *_ in results if not ok]
+    if bad:
+        raise CharLMError(f"{len(bad)} of {len(results)} checkpoints in {target} are damaged or unreadable: "
+                          + ", ".join(p.name for p in bad))
 
 
 @app.command()

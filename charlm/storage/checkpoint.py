@@ -22,9 +22,14 @@ is a `Checkpoint`, grouped by concern::
     init                       where a fine-tuned run started: the checkpoint's path, step,
                                corpus sources and SHA-256, the vocabulary merge ({}: from scratch)
     planner                    what the planner chose and why (None: the settings were given)
+    digest                     a CRC-32 of each part above (`PARTS`), written with the file and
+                               checked on every load (format 5 on; older files load unverified)
 
 Files are replaced atomically (`charlm.fs`), so a crash at any moment leaves the previous
-file intact. Older versions are upgraded on load (`_upgrade`). `checkpoint_bytes` is what a
+file intact; bytes that change after (a failing disk, a bad copy, a sync tool) are found by
+the digest: PyTorch's zip format carries CRC-32s that its reader never checks, so charlm
+checks its own, part by part, and says which part is damaged and which checkpoint of the run
+folder is intact. Older versions are upgraded on load (`_upgrade`). `checkpoint_bytes` is what a
 file takes on disk and while it is serialized in memory.
 """
 
@@ -36,6 +41,7 @@ import io
 import pickle
 import random
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +50,17 @@ import torch
 
 from charlm.config.run import RunConfig
 from charlm.errors import CharLMError
+from charlm.storage.rundir import BEST, LATEST
 
 FORMAT = "charlm"
-# 4: the seconds a budget has spent (plan.spent); 3: the init, planner and live groups;
-# 2: grouped layout and [session] config; 1: one flat dict.
-VERSION = 4  # older versions are upgraded on load
+# 5: the digest; 4: the seconds a budget has spent (plan.spent); 3: the init, planner and
+# live groups; 2: grouped layout and [session] config; 1: one flat dict.
+VERSION = 5  # older versions are upgraded on load
+DIGESTED = 5  # the first version with a digest
+# The parts a digest covers, as a damaged one is named; every other group is "metadata".
+PARTS = {"model": "weights", "live": "training weights", "optimizer": "optimizer state",
+         "scaler": "optimizer state", "ranks": "random-number state", "hidden": "carried hidden state"}
+METADATA = "metadata"
 CHECKPOINT_MARGIN = 32 * 1024  # RNG states, settings, vocabulary, zip headers
 
 
@@ -124,6 +136,7 @@ class Checkpoint:
     planner: dict[str, Any] | None = None  # the plan's summary, reasons and numbers
     live: dict[str, torch.Tensor] | None = None  # with --ema: the weights training goes on from
     file_version: int = VERSION  # the format the file was written in (older ones are upgraded)
+    verified: bool = True  # its digest was checked (False: a file older than digests)
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict a file holds (tensors and plain values only)."""
@@ -146,17 +159,132 @@ class Checkpoint:
 
 def serialize(ck: Checkpoint) -> bytes:
     buf = io.BytesIO()
-    torch.save(ck.to_dict(), buf)
+    torch.save(seal(ck.to_dict()), buf)
     return buf.getvalue()
+
+
+def seal(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` (a checkpoint's plain dict) with its digest: a CRC-32 per part (`PARTS`)."""
+    return {**{k: v for k, v in d.items() if k != "digest"}, "digest": {"algorithm": "crc32", "parts": digests(d)}}
+
+
+def digests(d: dict[str, Any]) -> dict[str, str]:
+    """A CRC-32 of each part of `d` (its groups, keys sorted; every tensor's dtype, shape and
+    bytes): CRC-32 runs at memory speed (2.2 GB/s here), and a checkpoint is a few MB."""
+    crcs: dict[str, int] = {}
+    for key in sorted(k for k in d if k != "digest"):
+        part = PARTS.get(key, METADATA)
+        crcs[part] = _crc(d[key], _crc(key, crcs.get(part, 0)))
+    return {part: f"{crc:08x}" for part, crc in sorted(crcs.items())}
+
+
+def _crc(obj: Any, crc: int) -> int:
+    """`crc` updated with `obj`: tensors by their bytes, containers in a fixed order (a tuple
+    and a list alike: a checkpoint's tuples load back as lists), the rest by their repr."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc) if t.numel() else crc
+    if isinstance(obj, dict):
+        crc = zlib.crc32(f"D{len(obj)}".encode(), crc)
+        for k in sorted(obj, key=repr):
+            crc = _crc(obj[k], _crc(k, crc))
+        return crc
+    if isinstance(obj, list | tuple):
+        crc = zlib.crc32(f"L{len(obj)}".encode(), crc)
+        for v in obj:
+            crc = _crc(v, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode("utf-8", "surrogatepass"), crc)
+
+
+class Damaged(CharLMError):
+    """A checkpoint whose bytes changed after it was written (its digest does not hold)."""
+
+
+def _verify(obj: dict[str, Any], path: Path) -> None:
+    """Refuse a file whose parts do not match the digest written with it."""
+    digest = obj.get("digest")
+    written = digest.get("parts") if isinstance(digest, dict) else None
+    if not isinstance(written, dict):
+        raise Damaged(_damage(path, METADATA, "its checksums are missing"))
+    found = digests(obj)
+    bad = [p for p in sorted(set(found) | set(written)) if found.get(p) != written.get(p)]
+    if bad:
+        raise Damaged(_damage(path, " and ".join(bad), "do not match the checksums written with it"))
+
+
+def _damage(path: Path, part: str, what: str) -> str:
+    """The line for a damaged file: which part, why it happens, and what is intact beside it."""
+    text = (f"{path}: damaged: its {part} {what} (the file changed after charlm wrote it: a failing "
+            "disk, a bad copy or a sync tool)")
+    other = newest_intact(path.parent, skip=path)
+    if other is None:
+        return text + f"; no other checkpoint in {path.parent} is intact"
+    step, good = other
+    return text + f"; the newest intact checkpoint beside it is {good} (step {step:,}): charlm resume {good}"
+
+
+def verify_files(target: Path) -> list[tuple[Path, bool, bool, int | None, str]]:
+    """Every checkpoint of run folder `target` (or the one file): (path, intact, verified by
+    its checksums, step, the problem when it is not intact), newest step files last."""
+    if target.is_dir():
+        files = sorted(target.glob("*.pt"))
+        if not files:
+            raise CharLMError(f"{target}: no checkpoints (*.pt) in this folder")
+    elif target.exists():
+        files = [target]
+    else:
+        raise CharLMError(f"{target}: no such checkpoint or folder")
+    out: list[tuple[Path, bool, bool, int | None, str]] = []
+    for p in files:
+        try:
+            ck = _load(p, report=False)
+        except Damaged:
+            try:
+                _load(p, report=True)  # for the message naming the part
+            except CharLMError as exc:
+                out.append((p, False, False, None, str(exc)))
+            continue
+        except CharLMError as exc:
+            out.append((p, False, False, None, str(exc)))
+            continue
+        out.append((p, True, ck.verified, ck.progress.step, ""))
+    return out
+
+
+def newest_intact(folder: Path, skip: Path | None = None) -> tuple[int, Path] | None:
+    """(step, path) of the checkpoint in `folder` with the most steps that loads and verifies."""
+    best: tuple[int, Path] | None = None
+    for p in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        if skip is not None and p.resolve() == skip.resolve():
+            continue
+        try:
+            ck = _load(p, report=False)
+        except CharLMError:
+            continue
+        # At the same step, latest.pt, then a step file, then best.pt (an average with --ema).
+        if best is None or (ck.progress.step, _preferred(p)) > (best[0], _preferred(best[1])):
+            best = (ck.progress.step, p)
+    return best
+
+
+def _preferred(p: Path) -> int:
+    return 2 if p.name == LATEST else 0 if p.name == BEST else 1
 
 
 def load(path: Path | str) -> Checkpoint:
     """Load and validate a charlm checkpoint on the CPU; never modifies the file.
 
     Raises `CharLMError` with one line saying what is wrong for missing, truncated,
-    corrupt, unsafe (pickled objects), foreign, too-new or incomplete files.
+    corrupt, unsafe (pickled objects), foreign, too-new or incomplete files, `Damaged` for a
+    file whose digest does not hold (naming the part, and the newest intact checkpoint
+    beside it).
     """
-    path = Path(path)
+    return _load(Path(path), report=True)
+
+
+def _load(path: Path, report: bool) -> Checkpoint:
     obj = _read(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CharLMError(f"{path}: not a charlm checkpoint (a PyTorch file of another kind)")
@@ -168,11 +296,16 @@ def load(path: Path | str) -> Checkpoint:
             f"{path}: written by a newer charlm (checkpoint format {version}, this charlm reads "
             f"up to {VERSION}); upgrade charlm"
         )
+    if version >= DIGESTED:
+        if report:
+            _verify(obj, path)
+        elif digests(obj) != (obj.get("digest") or {}).get("parts"):  # looking for an intact one: no message
+            raise Damaged(f"{path}: damaged")
     try:
         ck = Checkpoint.from_dict(_upgrade(obj), str(path))
     except (KeyError, TypeError) as exc:
         raise CharLMError(f"{path}: incomplete charlm checkpoint (missing or malformed {exc})") from None
-    ck.file_version = version
+    ck.file_version, ck.verified = version, version >= DIGESTED
     _check_finite(ck, path)
     return ck
 
@@ -226,6 +359,8 @@ def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
     if obj["version"] == 3:
         # 4 counts every second a budget spent; before it only training steps were counted.
         obj = {**obj, "version": 4, "plan": {**obj["plan"], "spent": obj["progress"]["elapsed"]}}
+    if obj["version"] == 4:
+        obj = {**obj, "version": 5}  # 5 added the digest, which a file of 4 does not have
     return obj
 
 
