@@ -217,3 +217,79 @@ def test_sigkill_twice_then_resume_ends_where_the_uninterrupted_run_ends(trained
     assert a.progress.step == b.progress.step == 400
     assert all(torch.equal(a.model[k], b.model[k]) for k in b.model)
     assert all(torch.equal(x, y) for x, y in zip(a.hidden, b.hidden, strict=True))
+
+
+# --- the corpus cache ------------------------------------------------------------------------------
+
+
+def _entry(corpus: Path) -> Path:
+    from charlm.data.cache import encode_corpus
+
+    return encode_corpus([str(corpus)]).path
+
+
+@pytest.mark.parametrize("value", ["inside", "outside"])
+def test_a_damaged_cache_entry_is_rebuilt_and_training_reads_the_true_text(runner, trained_run, tmp_path,
+                                                                           monkeypatch, value):
+    """Ids overwritten with another character of the vocabulary (text the user never wrote) or
+    with an id outside it (once an IndexError traceback): one warning, the entry rebuilt from
+    the sources, and the run the same, bit for bit, as one on an intact cache."""
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "speech.txt"
+    shutil.copy(trained_run.parent / "speech.txt", corpus)
+    flags = [*TINY, "--max-steps", "20"]
+    assert runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "a"), *flags]).exit_code == 0
+    entry = _entry(corpus)
+    data = bytearray(entry.read_bytes())
+    for i in range(100, 600, 7):
+        data[i] = (data[i] + 1) % 20 if value == "inside" else 250
+    entry.write_bytes(bytes(data))
+    res = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "b"), *flags])
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.stderr.splitlines() if "damaged" in line]
+    assert len(warned) == 1 and f"corpus cache entry {entry}: damaged" in warned[0] and "rebuilding" in warned[0]
+    a, b = checkpoint.load(tmp_path / "a" / "latest.pt"), checkpoint.load(tmp_path / "b" / "latest.pt")
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert entry.read_bytes() != bytes(data)  # and the entry is whole again
+
+
+def test_a_damaged_cache_entry_whose_sources_are_gone_is_one_line_naming_it(runner, trained_run, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "speech.txt"
+    shutil.copy(trained_run.parent / "speech.txt", corpus)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(corpus), "--out", str(run), *TINY, "--max-steps", "10"]).exit_code == 0
+    entry = _entry(corpus)
+    corpus.unlink()
+    data = bytearray(entry.read_bytes())
+    data[-5] = (data[-5] + 1) % 10  # in the held-out part, which eval reads
+    entry.write_bytes(bytes(data))
+    res = runner.invoke(app, ["eval", str(run / "latest.pt")])
+    assert res.exit_code == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("charlm: error:")]
+    assert len(errors) == 1 and f"corpus cache entry {entry}: damaged" in errors[0] and "files are gone" in errors[0]
+    assert "Traceback" not in res.output
+
+
+def test_blocks_are_checked_as_they_are_first_read_not_all_at_once(tmp_path):
+    from charlm.data.checked import BLOCK_BYTES, CheckedIds, block_crcs
+
+    n = 3 * BLOCK_BYTES + 100
+    path = tmp_path / "ids"
+    np_ids = torch.randint(0, 50, (n,), dtype=torch.uint8).numpy()
+    path.write_bytes(np_ids.tobytes())
+    crcs = block_crcs(np_ids)
+    data = bytearray(path.read_bytes())
+    data[2 * BLOCK_BYTES + 5] ^= 1  # damage block 3 of 4
+    path.write_bytes(bytes(data))
+    import numpy as np
+
+    ids = CheckedIds.of(np.memmap(path, dtype=np.uint8, mode="r", shape=(n,)), crcs, path)
+    assert np.array_equal(np.asarray(ids[10:20]), np_ids[10:20])  # block 1 only
+    assert ids._entry.checked.tolist() == [True, False, False, False]
+    assert ids[BLOCK_BYTES + 3] == np_ids[BLOCK_BYTES + 3]
+    assert int((ids[3 * BLOCK_BYTES:] == np_ids[3 * BLOCK_BYTES:]).sum()) == 100  # comparisons read too
+    assert ids._entry.checked.tolist() == [True, True, False, True]
+    with pytest.raises(CharLMError, match="block 3 of 4 does not match"):
+        ids[np.array([2 * BLOCK_BYTES + 9])]  # a batch's gather from the damaged block

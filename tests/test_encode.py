@@ -13,6 +13,7 @@ from conftest import TEXT, TINY, charlm_cmd, subprocess_env
 
 from charlm.data import sources as corpus_mod
 from charlm.data.cache import _IdWriter, encode_corpus, reopen_corpus
+from charlm.data.checked import CheckedIds
 from charlm.data.sources import DOC_SEPARATOR
 from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError, CharLMWarning
@@ -29,7 +30,7 @@ def test_ids_match_the_in_memory_vocabulary(tmp_path: Path):
     text = "Grüße 🎉 and a tab\t\n" + DOC_SEPARATOR + "second ÿ document"
     vocab = Vocab("".join(sorted(set(text))))
     assert enc.vocab.chars == vocab.chars  # code-point order, as Vocab uses
-    assert enc.ids.dtype == np.uint8 and isinstance(enc.ids, np.memmap)
+    assert enc.ids.dtype == np.uint8 and isinstance(enc.ids, CheckedIds) and enc.ids.memory_mapped
     assert enc.ids.tolist() == vocab.encode(text).tolist()
     assert enc.desc["chars"] == len(text) and enc.encoded
     assert decode(enc) == "Grüße 🎉 and a tab\t\n" + DOC_SEPARATOR + "second ÿ document"
@@ -169,3 +170,16 @@ def test_cli_second_run_says_it_used_the_cache(tmp_path: Path, corpus_file: Path
     assert "encoded in" in outs[0] and "cached in" in outs[0]
     assert "from the cache" in outs[1]
     assert len(list(cache.glob("*.ids"))) == 1
+
+
+def test_the_source_key_never_changes_with_the_cache_layout(tmp_path, monkeypatch):
+    """Every checkpoint records its corpus's key: a layout change (the cache's FORMAT) must not
+    change it, or no earlier run could resume. The version-1 fixture's corpus still hashes to
+    the key its checkpoint recorded in 2026-11."""
+    import torch
+    from conftest import ROOT
+
+    fixture = ROOT / "tests" / "fixtures" / "v1"
+    recorded = torch.load(fixture / "run-v1.pt", weights_only=True)["corpus"]["sha256"]
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    assert encode_corpus([str(fixture / "corpus.txt")]).desc["sha256"] == recorded

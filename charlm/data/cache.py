@@ -10,7 +10,9 @@ appearance; once the pass is over they are renumbered in place to the code-point
 
 The cache file is named after a SHA-256 of the sources' bytes (and the text encoding), so
 a second run or a resume on the same text skips encoding after one fast hashing pass, and a
-changed source gets a new file.
+changed source gets a new file. Its contents are checked too: a CRC-32 per block of ids,
+each checked the first time it is read (`charlm.data.checked`); a damaged entry is rebuilt
+from the sources when they are there, else refused naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from charlm.data.checked import CheckedIds, block_crcs
 from charlm.data.sources import (
     DOC_SEPARATOR,
     Document,
@@ -41,7 +44,10 @@ from charlm.data.vocab import Vocab, codepoints
 from charlm.errors import CharLMError, CharLMWarning
 from charlm.fs import atomic_path, free_bytes, human, write_atomic
 
-FORMAT = 1  # bump when the cache layout or the key changes
+FORMAT = 2  # bump when the cache layout changes (2: block checksums)
+# Part of every key, and of every checkpoint's corpus SHA-256: a change would orphan every run.
+KEY_VERSION = 1
+UNCHECKED_FORMAT = 1  # entries without checksums: used only when their sources are gone
 CACHE_ENV = "CHARLM_CACHE_DIR"
 _MAX_CODEPOINT = 0x110000
 
@@ -57,7 +63,7 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 class EncodedCorpus:
     """A corpus as character ids in a memory-mapped cache file."""
 
-    ids: np.ndarray  # (N,) uint8 / uint16 / uint32, read-only memmap
+    ids: CheckedIds | np.ndarray  # (N,) uint8 / uint16 / uint32, memory-mapped, checked as read
     vocab: Vocab
     desc: dict[str, Any]  # specs, documents, sha256 (of the sources), chars, encoding
     path: Path  # the cache file behind `ids`
@@ -101,7 +107,7 @@ def reopen_corpus(desc: dict[str, Any], checkpoint: Path, vocab: str, *,
     try:
         docs = [doc for source in desc["documents"] for doc in resolve(source)]
     except CharLMError as gone:
-        corpus = _open(folder, desc["sha256"], desc, encoded=False, seconds=0.0)
+        corpus = _open(folder, desc["sha256"], desc, encoded=False, seconds=0.0, repair=None)
         if corpus is None:
             raise
         corpus.sources_gone = True
@@ -119,7 +125,7 @@ def reopen_corpus(desc: dict[str, Any], checkpoint: Path, vocab: str, *,
 def source_key(docs: list[Document], encoding: str | None, progress: Progress = _no_progress) -> str:
     """SHA-256 over every document's bytes (each hashed on its own, so boundaries count)."""
     total = sum(size_of(d) for d in docs)
-    outer = hashlib.sha256(f"charlm corpus {FORMAT}\0{encoding or 'utf-8-sig'}\0".encode())
+    outer = hashlib.sha256(f"charlm corpus {KEY_VERSION}\0{encoding or 'utf-8-sig'}\0".encode())
     done = 0
     for doc in docs:
         inner = hashlib.sha256()
@@ -142,22 +148,43 @@ def _encode(docs: list[Document], specs: list[str], encoding: str | None, progre
         )
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     desc = {"specs": specs, "documents": [d.source for d in docs], "sha256": key, "encoding": encoding or ""}
-    corpus = _open(folder, key, desc, encoded=False, seconds=time.perf_counter() - t0)
+    ids_path, meta_path = folder / f"{key}.ids", folder / f"{key}.json"
+
+    def repair() -> tuple[np.ndarray, list[int]]:
+        """Rebuild the entry from the sources (a block of it was damaged)."""
+        meta = _build(docs, encoding, folder, ids_path, meta_path, _no_progress)
+        return _memmap(ids_path, meta), meta["crc32"]
+
+    corpus = _open(folder, key, desc, encoded=False, seconds=time.perf_counter() - t0, repair=repair)
     if corpus is None:
-        _build(docs, encoding, folder, folder / f"{key}.ids", folder / f"{key}.json", progress)
-        corpus = _open(folder, key, desc, encoded=True, seconds=time.perf_counter() - t0)
+        _build(docs, encoding, folder, ids_path, meta_path, progress)
+        corpus = _open(folder, key, desc, encoded=True, seconds=time.perf_counter() - t0, repair=repair)
         assert corpus is not None
     return corpus
 
 
-def _open(folder: Path, key: str, desc: dict[str, Any], encoded: bool, seconds: float) -> EncodedCorpus | None:
+def _memmap(path: Path, meta: dict[str, Any]) -> np.ndarray:
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["chars"],))
+
+
+def _open(folder: Path, key: str, desc: dict[str, Any], encoded: bool, seconds: float,
+          repair: Callable[[], tuple[np.ndarray, list[int]]] | None) -> EncodedCorpus | None:
     """The cache entry `key` as an `EncodedCorpus` described by `desc`; None when it is missing,
-    foreign or incomplete."""
+    foreign or incomplete. `repair` rebuilds it from its sources (None: they are gone, and
+    an entry older than checksums is used after a check that its ids are in its vocabulary)."""
     path = folder / f"{key}.ids"
-    meta = _read_meta(folder / f"{key}.json", path)
+    meta = _read_meta(folder / f"{key}.json", path, old_too=repair is None)
     if meta is None:
         return None
-    ids = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["chars"],))
+    raw = _memmap(path, meta)
+    ids: CheckedIds | np.ndarray
+    if meta["format"] == FORMAT:
+        ids = CheckedIds.of(raw, meta["crc32"], path, repair)
+    else:
+        ids = raw
+        if len(raw) and int(raw.max()) >= len(meta["vocab"]):
+            raise CharLMError(f"corpus cache entry {path}: damaged (ids outside its vocabulary), and the "
+                              "corpus's files are gone, so it cannot be rebuilt: restore them")
     starts = meta.get("doc_starts")  # not recorded by older cache entries (still valid ids)
     if not isinstance(starts, list) or len(starts) != len(desc["documents"]):
         starts = None
@@ -165,12 +192,14 @@ def _open(folder: Path, key: str, desc: dict[str, Any], encoded: bool, seconds: 
                          doc_starts=starts)
 
 
-def _read_meta(meta_path: Path, path: Path) -> dict[str, Any] | None:
-    """The cache entry's description, or None when it is missing, foreign or incomplete."""
+def _read_meta(meta_path: Path, path: Path, old_too: bool = False) -> dict[str, Any] | None:
+    """The cache entry's description, or None when it is missing, foreign or incomplete (or,
+    unless `old_too`, older than block checksums)."""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         size = path.stat().st_size
-        if meta.get("format") != FORMAT or size != meta["chars"] * np.dtype(meta["dtype"]).itemsize:
+        formats = (FORMAT, UNCHECKED_FORMAT) if old_too else (FORMAT,)
+        if meta.get("format") not in formats or size != meta["chars"] * np.dtype(meta["dtype"]).itemsize:
             return None
         return meta
     except (OSError, ValueError, KeyError, TypeError):
@@ -211,6 +240,7 @@ def _build(docs: list[Document], encoding: str | None, folder: Path, path: Path,
                 Path(f"{tmp}.w").unlink(missing_ok=True)  # a widening rewrite cut short
         meta = {"format": FORMAT, "chars": writer.count, "dtype": writer.dtype.name, "vocab": vocab,
                 "doc_starts": starts}
+        meta["crc32"] = block_crcs(_memmap(path, meta)) if writer.count else []
         # The description last: an entry without one is incomplete and is rebuilt.
         write_atomic(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         return meta

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from charlm.data.checked import CheckedIds
 from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError
 
@@ -43,7 +44,7 @@ class RecordSet:
     """Records of a corpus: where each starts in the corpus ids and how long it is, and the
     table that turns corpus ids into the model's."""
 
-    ids: np.ndarray  # (N,) the corpus ids (its own vocabulary), usually a memmap
+    ids: np.ndarray | CheckedIds  # (N,) the corpus ids (its own vocabulary), usually the cache's
     table: np.ndarray  # (V_corpus,) corpus id -> model id (int64; -1: not in the model's vocabulary)
     starts: np.ndarray  # (R,) int64, first character of each record in `ids`
     lengths: np.ndarray  # (R,) int64, characters of each record (markers not counted)
@@ -113,7 +114,7 @@ def check_markers(corpus_chars: str, mode: str) -> None:
                 f"{name}-of-record marker; remove it from the text, or drop --records")
 
 
-def record_set(ids: np.ndarray, corpus_vocab: Vocab, model_vocab: Vocab, mode: str) -> RecordSet:
+def record_set(ids: np.ndarray | CheckedIds, corpus_vocab: Vocab, model_vocab: Vocab, mode: str) -> RecordSet:
     """The records of a corpus (its ids in `corpus_vocab`) for a model with `model_vocab`."""
     check_markers(corpus_vocab.chars, mode)
     starts, lengths = find_records(ids, corpus_vocab.chars, mode)
@@ -122,7 +123,8 @@ def record_set(ids: np.ndarray, corpus_vocab: Vocab, model_vocab: Vocab, mode: s
                      int(model_vocab.encode(END)[0]), mode)
 
 
-def find_records(ids: np.ndarray, chars: str, mode: str, chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def find_records(ids: np.ndarray | CheckedIds, chars: str, mode: str,
+                 chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Start and length (int64 arrays) of every record in `ids` (a corpus in the vocabulary
     `chars`): non-blank lines (`lines`) or runs of non-blank lines (`blank-lines`), without a
     trailing carriage return. Read a chunk of ids at a time."""
@@ -158,7 +160,7 @@ def find_records(ids: np.ndarray, chars: str, mode: str, chunk: int = _CHUNK) ->
     return starts, line_ends[last_line] - starts
 
 
-def _counts_at(ids: np.ndarray, weight: np.ndarray, positions: np.ndarray, chunk: int) -> np.ndarray:
+def _counts_at(ids: np.ndarray | CheckedIds, weight: np.ndarray, positions: np.ndarray, chunk: int) -> np.ndarray:
     """For each of the sorted `positions` q: the sum of `weight[ids[i]]` over i < q."""
     out = np.zeros(len(positions), dtype=np.int64)
     total = 0

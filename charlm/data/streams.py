@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import torch
 
+from charlm.data.checked import CheckedIds
 from charlm.data.records import MARKERS, RecordSet, RecordSplit, check_markers, record_set
 from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError
@@ -41,7 +42,7 @@ class Translated:
     whose model has a larger vocabulary (fine-tuning merges vocabularies) trains from its
     cached ids as they are, with no translated copy of the corpus. Slices stay views."""
 
-    def __init__(self, ids: np.ndarray, table: np.ndarray) -> None:
+    def __init__(self, ids: np.ndarray | CheckedIds, table: np.ndarray) -> None:
         self.ids = ids
         self.table = table.astype(np.int64)
 
@@ -57,7 +58,8 @@ class Translated:
         return self.table[np.asarray(self.ids)].tolist()
 
 
-Array = Union[np.ndarray, Translated]  # a memory-mapped corpus, maybe read through a table
+# A memory-mapped corpus (its blocks checked as read), maybe read through a table
+Array = Union[np.ndarray, CheckedIds, Translated]
 Ids = Union[Array, torch.Tensor]  # ... or any 1-D id tensor
 
 

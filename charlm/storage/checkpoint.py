@@ -22,8 +22,9 @@ is a `Checkpoint`, grouped by concern::
     init                       where a fine-tuned run started: the checkpoint's path, step,
                                corpus sources and SHA-256, the vocabulary merge ({}: from scratch)
     planner                    what the planner chose and why (None: the settings were given)
-    digest                     a CRC-32 of each part above (`PARTS`), written with the file and
-                               checked on every load (format 5 on; older files load unverified)
+    digest                     a CRC-32 of each part above (`charlm.storage.digest`), written with
+                               the file and checked on every load (format 5 on; older files load
+                               unverified)
 
 Files are replaced atomically (`charlm.fs`), so a crash at any moment leaves the previous
 file intact; bytes that change after (a failing disk, a bad copy, a sync tool) are found by
@@ -36,12 +37,9 @@ file takes on disk and while it is serialized in memory.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import pickle
-import random
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ import torch
 
 from charlm.config.run import RunConfig
 from charlm.errors import CharLMError
+from charlm.storage.digest import METADATA, digests, seal
 from charlm.storage.rundir import BEST, LATEST
 
 FORMAT = "charlm"
@@ -57,10 +56,6 @@ FORMAT = "charlm"
 # live groups; 2: grouped layout and [session] config; 1: one flat dict.
 VERSION = 5  # older versions are upgraded on load
 DIGESTED = 5  # the first version with a digest
-# The parts a digest covers, as a damaged one is named; every other group is "metadata".
-PARTS = {"model": "weights", "live": "training weights", "optimizer": "optimizer state",
-         "scaler": "optimizer state", "ranks": "random-number state", "hidden": "carried hidden state"}
-METADATA = "metadata"
 CHECKPOINT_MARGIN = 32 * 1024  # RNG states, settings, vocabulary, zip headers
 
 
@@ -161,41 +156,6 @@ def serialize(ck: Checkpoint) -> bytes:
     buf = io.BytesIO()
     torch.save(seal(ck.to_dict()), buf)
     return buf.getvalue()
-
-
-def seal(d: dict[str, Any]) -> dict[str, Any]:
-    """`d` (a checkpoint's plain dict) with its digest: a CRC-32 per part (`PARTS`)."""
-    return {**{k: v for k, v in d.items() if k != "digest"}, "digest": {"algorithm": "crc32", "parts": digests(d)}}
-
-
-def digests(d: dict[str, Any]) -> dict[str, str]:
-    """A CRC-32 of each part of `d` (its groups, keys sorted; every tensor's dtype, shape and
-    bytes): CRC-32 runs at memory speed (2.2 GB/s here), and a checkpoint is a few MB."""
-    crcs: dict[str, int] = {}
-    for key in sorted(k for k in d if k != "digest"):
-        part = PARTS.get(key, METADATA)
-        crcs[part] = _crc(d[key], _crc(key, crcs.get(part, 0)))
-    return {part: f"{crc:08x}" for part, crc in sorted(crcs.items())}
-
-
-def _crc(obj: Any, crc: int) -> int:
-    """`crc` updated with `obj`: tensors by their bytes, containers in a fixed order (a tuple
-    and a list alike: a checkpoint's tuples load back as lists), the rest by their repr."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
-        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc) if t.numel() else crc
-    if isinstance(obj, dict):
-        crc = zlib.crc32(f"D{len(obj)}".encode(), crc)
-        for k in sorted(obj, key=repr):
-            crc = _crc(obj[k], _crc(k, crc))
-        return crc
-    if isinstance(obj, list | tuple):
-        crc = zlib.crc32(f"L{len(obj)}".encode(), crc)
-        for v in obj:
-            crc = _crc(v, crc)
-        return crc
-    return zlib.crc32(repr(obj).encode("utf-8", "surrogatepass"), crc)
 
 
 class Damaged(CharLMError):
@@ -384,63 +344,3 @@ def _v1_to_v2(old: dict[str, Any]) -> dict[str, Any]:
         "trained_on": {"device": old.get("device", "cpu"), "precision": old.get("precision", "fp32"),
                        "world_size": old.get("world_size", 1)},
     }
-
-
-# --- what differs between processes ------------------------------------------------------------
-
-
-def capture_rng(device: torch.device) -> dict[str, Any]:
-    """Every RNG state training draws from (dropout masks, Python's random)."""
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def restore_rng(rng: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(_as_tuple(rng["python"]))
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-
-
-def _as_tuple(value: Any) -> Any:
-    """Python's RNG state comes back from a checkpoint with lists where tuples were."""
-    if isinstance(value, list):
-        return tuple(_as_tuple(v) for v in value)
-    return value
-
-
-def weights_digest(weights: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the weights' bytes: equal on every rank, or the ranks have drifted apart."""
-    digest = hashlib.sha256()
-    for t in weights.values():
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def merge_ranks(ranks: list[tuple[RankState, list[torch.Tensor]]], step: int
-                ) -> tuple[list[RankState], list[torch.Tensor], list[float]]:
-    """Every process's state and hidden rows (in rank order) as one checkpoint's: the ranks,
-    one hidden state for all streams, and the loss window as one process would hold it."""
-    digests = {r.weights_sha256 for r, _ in ranks}
-    if len(digests) > 1:
-        raise CharLMError(f"the {len(ranks)} processes' weights differ at step {step}; "
-                          "not saving a checkpoint that only one of them would match")
-    # Rank r's streams follow rank r-1's, as in the data.
-    hidden = ([torch.cat(parts, dim=1) for parts in zip(*(h for _, h in ranks), strict=True)]
-              if all(h for _, h in ranks) else [])
-    world = len(ranks)
-    window = [sum(r.loss_window[0] for r, _ in ranks) / world, ranks[0][0].loss_window[1]]
-    return [r for r, _ in ranks], hidden, window
-
-
-def own_rank_state(ck: Checkpoint, rank: int, world_size: int) -> RankState | None:
-    """This process's saved RNG and loss window: its own when the process count is the same,
-    rank 0's in a single process; None for an extra process of a larger launch (it starts
-    fresh, distinct dropout streams)."""
-    if len(ck.ranks) == world_size > 1:
-        return ck.ranks[rank]
-    if rank == 0:
-        return RankState(ck.ranks[0].rng, list(ck.progress.loss_window))
-    return None

@@ -9,7 +9,7 @@ N + M steps in one run, bit for bit on the CPU.
 
 Under torchrun every process runs this same code on its own block of streams, with
 DistributedDataParallel averaging the gradients; rank 0 evaluates, reports and writes, and
-its checkpoint holds every rank's state (`charlm.storage.checkpoint.merge_ranks`).
+its checkpoint holds every rank's state (`charlm.storage.ranks.merge_ranks`).
 """
 
 from __future__ import annotations
@@ -34,19 +34,8 @@ from charlm.errors import Diverged, TrainingInterrupted, WriteFailed
 from charlm.generation.sampler import Sampler
 from charlm.model.network import CharRNN, State, detach_state, state_from_list, state_to_list
 from charlm.model.scoring import LN2, record_loss, score_held_out, stream_loss
-from charlm.storage.checkpoint import (
-    BudgetState,
-    Checkpoint,
-    Progress,
-    RankState,
-    TrainedOn,
-    capture_rng,
-    merge_ranks,
-    own_rank_state,
-    restore_rng,
-    serialize,
-    weights_digest,
-)
+from charlm.storage.checkpoint import BudgetState, Checkpoint, Progress, RankState, TrainedOn, serialize
+from charlm.storage.ranks import capture_rng, merge_ranks, own_rank_state, restore_rng, weights_digest
 from charlm.storage.rundir import RunDir, left_to_resume
 from charlm.training import divergence
 from charlm.training.budget import Tick, TimeBudget, lr_at
