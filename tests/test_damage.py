@@ -268,7 +268,7 @@ def test_a_damaged_cache_entry_whose_sources_are_gone_is_one_line_naming_it(runn
     res = runner.invoke(app, ["eval", str(run / "latest.pt")])
     assert res.exit_code == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("charlm: error:")]
-    assert len(errors) == 1 and f"corpus cache entry {entry}: damaged" in errors[0] and "files are gone" in errors[0]
+    assert len(errors) == 1 and f"corpus cache entry {entry}: damaged" in errors[0] and "cannot be read" in errors[0]
     assert "Traceback" not in res.output
 
 

@@ -3,15 +3,15 @@
 The training text is never held as a Python string. Matches are found with a suffix array
 over the memory-mapped corpus ids (`charlm.data.cache`), built with libdivsufsort and kept in
 the corpus cache beside the ids (`<key>.train<N>.sa` and its `.json` description), written
-atomically and rebuilt when missing or damaged. A query walks the suffix array block by
-block (7 uint8 ids, 3 uint16 ids or 1 uint32 id packed into one integer), each block a
-vectorised binary search for every query at once (`TrainingIndex.longest_matches`).
+atomically and rebuilt when missing or damaged: it keeps a CRC-32 per megabyte, each block
+checked the first time a query reads it (`charlm.data.checked`), as the corpus ids are.
+A query walks the suffix array block by block (7 uint8 ids, 3 uint16 ids or 1 uint32 id
+packed into one integer), each block a vectorised binary search for every query at once
+(`TrainingIndex.longest_matches`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from charlm.data.checked import CheckedIds, block_crcs
 from charlm.data.vocab import Vocab
 from charlm.errors import CharLMError
 from charlm.fs import atomic_path, write_atomic
@@ -28,14 +29,14 @@ from charlm.fs import atomic_path, write_atomic
 if TYPE_CHECKING:
     from charlm.data.cache import EncodedCorpus
 
-INDEX_FORMAT = 1  # bump when the index file or its description changes
+INDEX_FORMAT = 2  # bump when the index file or its description changes (2: block checksums)
 _SPOT_CHECKS = 512  # adjacent suffix-array pairs checked for order each time the index opens
 
 
 # --- the suffix array -------------------------------------------------------------------------
 
 
-def suffix_array(ids: np.ndarray) -> np.ndarray:
+def suffix_array(ids: np.ndarray | CheckedIds) -> np.ndarray:
     """Start positions of the suffixes of `ids` (uint8 / uint16 / uint32) in lexicographic
     order, as int32 when they fit, else int64.
 
@@ -64,8 +65,8 @@ def suffix_array(ids: np.ndarray) -> np.ndarray:
 class TrainingIndex:
     """The training text (a prefix of the corpus ids) and its suffix array, both memory-mapped."""
 
-    ids: np.ndarray  # (n,) training ids: a view of the corpus memmap
-    sa: np.ndarray  # (n,) suffix array, read-only memmap
+    ids: np.ndarray | CheckedIds  # (n,) training ids: a view of the corpus cache's
+    sa: np.ndarray | CheckedIds  # (n,) suffix array, memory-mapped, its blocks checked as read
     vocab: Vocab
     documents: list[str]  # the corpus's documents, in order
     doc_starts: np.ndarray | None  # where each document starts in the ids; None: not recorded
@@ -218,6 +219,14 @@ def open_index(corpus: EncodedCorpus, n_train: int, *,
         sa = _open_checked(path, meta_path, ids)
         if sa is None:
             raise CharLMError(f"{path}: the novelty index just written does not read back")
+
+    def repair() -> tuple[np.ndarray, list[int]]:
+        _build(ids, path, meta_path)
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(len(ids),)), meta["crc32"]
+
+    if isinstance(sa, CheckedIds):
+        sa.repair_with(repair)  # a block found damaged by a query: rebuilt, and the query goes on
     starts = corpus.doc_starts
     return TrainingIndex(ids, sa, corpus.vocab, list(corpus.desc["documents"]),
                          None if starts is None else np.asarray(starts, dtype=np.int64),
@@ -228,60 +237,46 @@ def _sa_dtype(n: int) -> np.dtype:
     return np.dtype(np.int32 if n < 2**31 else np.int64)
 
 
-def _build(ids: np.ndarray, path: Path, meta_path: Path) -> None:
+def _build(ids: np.ndarray | CheckedIds, path: Path, meta_path: Path) -> None:
     """Write the suffix array to `path` (atomically), then its description."""
     try:
         sa = suffix_array(ids).astype(_sa_dtype(len(ids)), copy=False)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             fh.write(sa.data)
-        digest = hashlib.blake2b(sa.data, digest_size=16).hexdigest()
+        crcs = block_crcs(sa)
         del sa
-        _write_meta(meta_path, len(ids), digest, path.stat().st_mtime_ns)
+        _write_meta(meta_path, len(ids), crcs)
     except OSError as exc:
         raise CharLMError(f"novelty index {path.parent}: cannot write: {exc.strerror}") from None
 
 
-def _write_meta(meta_path: Path, n: int, digest: str, mtime_ns: int) -> None:
-    meta = {"format": INDEX_FORMAT, "chars": n, "dtype": _sa_dtype(n).name,
-            "blake2b": digest, "mtime_ns": mtime_ns}
+def _write_meta(meta_path: Path, n: int, crcs: list[int]) -> None:
+    meta = {"format": INDEX_FORMAT, "chars": n, "dtype": _sa_dtype(n).name, "crc32": crcs}
     # The description last: an index without one is incomplete and is rebuilt.
     write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
 
 
-def _open_checked(path: Path, meta_path: Path, ids: np.ndarray) -> np.ndarray | None:
-    """The suffix array as a read-only memmap, or None when it is missing or damaged.
-
-    A file whose modification time is still the one recorded when it was written is
-    trusted (checking a checksum of hundreds of megabytes would cost more than a report);
-    one touched since is checked against the recorded checksum. Either way a sample of
-    adjacent entries must be in range and in suffix order.
-    """
+def _open_checked(path: Path, meta_path: Path, ids: np.ndarray | CheckedIds) -> CheckedIds | np.ndarray | None:
+    """The suffix array, its blocks checked as they are read, or None when it is missing,
+    incomplete or damaged (a sample of adjacent entries, spread over the whole file, must
+    be in range and in suffix order, and their blocks must match their checksums)."""
     n = len(ids)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         dtype = np.dtype(meta["dtype"])
-        stat = path.stat()
         if (meta.get("format") != INDEX_FORMAT or meta["chars"] != n or dtype != _sa_dtype(n)
-                or stat.st_size != n * dtype.itemsize):
+                or path.stat().st_size != n * dtype.itemsize):
             return None
-        if stat.st_mtime_ns != meta["mtime_ns"]:
-            if _digest(path) != meta["blake2b"]:
-                return None
-            # The same bytes with a new time (a copy, a restore): trust it from now on.
-            with contextlib.suppress(OSError):
-                _write_meta(meta_path, n, meta["blake2b"], stat.st_mtime_ns)
-        sa = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-    except (OSError, ValueError, KeyError, TypeError):
+        if not n:
+            return np.zeros(0, dtype)
+        sa = CheckedIds.of(np.memmap(path, dtype=dtype, mode="r", shape=(n,)), meta["crc32"], path,
+                           label="novelty index", source="the training text")
+        return sa if _spot_check(sa, ids) else None
+    except (OSError, ValueError, KeyError, TypeError, CharLMError):
         return None
-    return sa if _spot_check(sa, ids) else None
 
 
-def _digest(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
-
-
-def _spot_check(sa: np.ndarray, ids: np.ndarray) -> bool:
+def _spot_check(sa: np.ndarray | CheckedIds, ids: np.ndarray | CheckedIds) -> bool:
     """Adjacent entries at evenly spread places are in range, distinct and in order (by
     their first 16 ids: a tie there is not checked further)."""
     n = len(ids)

@@ -184,7 +184,7 @@ def _open(folder: Path, key: str, desc: dict[str, Any], encoded: bool, seconds: 
         ids = raw
         if len(raw) and int(raw.max()) >= len(meta["vocab"]):
             raise CharLMError(f"corpus cache entry {path}: damaged (ids outside its vocabulary), and the "
-                              "corpus's files are gone, so it cannot be rebuilt: restore them")
+                              "corpus's files cannot be read, so it cannot be rebuilt: restore them")
     starts = meta.get("doc_starts")  # not recorded by older cache entries (still valid ids)
     if not isinstance(starts, list) or len(starts) != len(desc["documents"]):
         starts = None

@@ -43,8 +43,9 @@ def block_crcs(ids: np.ndarray, block_bytes: int = BLOCK_BYTES) -> list[int]:
 class _Entry:
     """What every view of one entry shares: the ids, their checksums, which blocks are checked."""
 
-    def __init__(self, ids: np.ndarray, crcs: list[int], path: Path, repair: Repair | None) -> None:
-        self.path, self.repair = path, repair
+    def __init__(self, ids: np.ndarray, crcs: list[int], path: Path, repair: Repair | None, label: str,
+                 source: str) -> None:
+        self.path, self.repair, self.label, self.source = path, repair, label, source
         self._set(ids, crcs)
 
     def _set(self, ids: np.ndarray, crcs: list[int]) -> None:
@@ -53,7 +54,7 @@ class _Entry:
         self.crcs = np.asarray(crcs, dtype=np.uint32)
         self.checked = np.zeros(len(self.crcs), dtype=bool)
         if len(self.crcs) != -(-len(ids) // self.per_block):
-            raise CharLMError(f"corpus cache entry {self.path}: its checksums do not cover its ids")
+            raise CharLMError(f"{self.label} {self.path}: its checksums do not cover it")
 
     def check(self, first: int, last: int) -> None:
         """Check every block holding ids first..last (inclusive) that is not checked yet."""
@@ -72,12 +73,12 @@ class _Entry:
         return None
 
     def _damaged(self, block: int) -> None:
-        what = (f"corpus cache entry {self.path}: damaged (block {block + 1} of {len(self.crcs)} does not "
+        what = (f"{self.label} {self.path}: damaged (block {block + 1} of {len(self.crcs)} does not "
                 "match the checksum written with it)")
         if self.repair is None:
-            raise CharLMError(f"{what}, and the corpus's files are gone, so it cannot be rebuilt: restore "
-                              f"them, or delete {self.path} and train on the corpus again")
-        warnings.warn(f"{what}; rebuilding it from the corpus's files", CharLMWarning, stacklevel=2)
+            raise CharLMError(f"{what}, and {self.source} cannot be read, so it cannot be rebuilt: restore "
+                              f"{self.source}, or delete {self.path} and train on the corpus again")
+        warnings.warn(f"{what}; rebuilding it from {self.source}", CharLMWarning, stacklevel=2)
         repair, self.repair = self.repair, None  # rebuilt once: a second failure is not the cache's
         self._set(*repair())
 
@@ -90,9 +91,15 @@ class CheckedIds(NDArrayOperatorsMixin):
         self._len = len(entry.ids) - start if length is None else length
 
     @classmethod
-    def of(cls, ids: np.ndarray, crcs: list[int], path: Path, repair: Repair | None = None) -> CheckedIds:
-        """The whole entry: `ids` (a memmap) with its `block_crcs`."""
-        return cls(_Entry(ids, crcs, path, repair))
+    def of(cls, ids: np.ndarray, crcs: list[int], path: Path, repair: Repair | None = None,
+           label: str = "corpus cache entry", source: str = "the corpus's files") -> CheckedIds:
+        """The whole of `path`: `ids` (its memmap) with its `block_crcs`; `label` names it and
+        `source` says what `repair` rebuilds it from, in the messages."""
+        return cls(_Entry(ids, crcs, path, repair, label, source))
+
+    def repair_with(self, repair: Repair | None) -> None:
+        """From now on a damaged block is repaired by `repair` (None: refused)."""
+        self._entry.repair = repair
 
     @property
     def dtype(self) -> np.dtype:
@@ -147,7 +154,8 @@ class CheckedIds(NDArrayOperatorsMixin):
         if self._len:
             self._entry.check(self._start, self._start + self._len - 1)
         out = self._entry.ids[self._start:self._start + self._len]
-        return np.asarray(out, dtype=dtype)
+        # copy=True (numpy.array's default) asks for a copy: a view would follow the file.
+        return np.array(out, dtype=dtype, copy=True) if copy else np.asarray(out, dtype=dtype)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         arrays = [np.asarray(x) if isinstance(x, CheckedIds) else x for x in inputs]
