@@ -3,6 +3,7 @@ And what a machine is, for the planner's speed cache and a run's record (`machin
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -74,17 +75,24 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         where = f"cuda {torch.cuda.get_device_name(device)}"
     else:
-        model, flags = platform.processor() or platform.machine(), set()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-        except OSError:
-            pass
-        kernels = " ".join(f for f in _KERNEL_FLAGS if f in flags)
+        model, kernels = _cpu()
         where = f"{device.type} {model} [{kernels}] threads={torch.get_num_threads()}"
     return f"{where} torch={torch.__version__}"
+
+
+@functools.cache
+def _cpu() -> tuple[str, str]:
+    """The CPU's model and the kernel-picking flags it has, read once per process (the planner
+    and every checkpoint ask)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return model, " ".join(f for f in _KERNEL_FLAGS if f in flags)

@@ -127,13 +127,21 @@ def test_start_id_is_the_samplers():
 # --- the documented program (docs/commands.md) ----------------------------------------------
 
 
-def readme_program() -> str:
-    reference = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
-    section = re.search(r"^### `charlm export.*?(?=^### |^## )", reference, re.DOTALL | re.MULTILINE)
-    assert section, "docs/commands.md has no charlm export section"
-    code = re.search(r"```python\n(.*?)```", section.group(0), re.DOTALL)
-    assert code, "the charlm export section has no python block"
+def doc_program(page: str, section: str) -> str:
+    """The first python block of the section of docs/`page` whose heading matches `section`
+    (a regex; the section ends at the next heading of its level or above)."""
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    level = section.split(" ")[0]  # "###" or "##"
+    ends = "|".join("^" + "#" * n + " " for n in range(2, len(level) + 1))
+    found = re.search(rf"^{section}.*?(?={ends}|\Z)", text, re.DOTALL | re.MULTILINE)
+    assert found, f"docs/{page} has no section {section!r}"
+    code = re.search(r"```python\n(.*?)```", found.group(0), re.DOTALL)
+    assert code, f"the section {section!r} of docs/{page} has no python block"
     return code.group(1)
+
+
+def readme_program() -> str:
+    return doc_program("commands.md", "### `charlm export")
 
 
 def run_readme(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -380,12 +388,7 @@ def test_a_failed_write_keeps_the_old_file(ckpt, tmp_path, runner, monkeypatch):
 
 
 def api_doc_program() -> str:
-    page = (ROOT / "docs" / "python-api.md").read_text(encoding="utf-8")
-    section = re.search(r"^## The safetensors export.*?(?=^## |\Z)", page, re.DOTALL | re.MULTILINE)
-    assert section, "docs/python-api.md has no safetensors section"
-    code = re.search(r"```python\n(.*?)```", section.group(0), re.DOTALL)
-    assert code, "the safetensors section has no python block"
-    return code.group(1)
+    return doc_program("python-api.md", "## The safetensors export")
 
 
 def test_api_doc_program_runs_on_the_export_as_charlm_samples(ckpt, lm, tmp_path, monkeypatch, capsys):

@@ -29,7 +29,7 @@ from charlm.config.run import SECTIONS, RunConfig
 from charlm.errors import CharLMError, CharLMWarning
 from charlm.fs import replace_file
 from charlm.storage import checkpoint as ckpt_io
-from charlm.storage.rundir import BEST, CARD, CARD_MARK, REPORT, RunDir
+from charlm.storage.rundir import CARD, CARD_MARK, REPORT, RunDir
 from charlm.training.finetune import describe
 
 TEMPERATURES = (0.5, 0.8, 1.0)
@@ -89,7 +89,7 @@ def gather(run_dir: Path | str, device: str = "cpu") -> RunFacts:
         raise CharLMError(f"{run.path}: no {run.latest.name} (is it a charlm run folder?)")
     rows = run.read_metrics()
     latest = ckpt_io.load(run.latest)
-    sampled = run / BEST if (run / BEST).exists() else run.latest
+    sampled = run.to_sample
     lm = load(sampled, device=device)
     return RunFacts(run.path, sampled, lm.info(), latest, rows, _samples(lm), _settings(latest), lm.records)
 

@@ -221,9 +221,8 @@ def open_index(corpus: EncodedCorpus, n_train: int, *,
             raise CharLMError(f"{path}: the novelty index just written does not read back")
 
     def repair() -> tuple[np.ndarray, list[int]]:
-        _build(ids, path, meta_path)
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(len(ids),)), meta["crc32"]
+        crcs = _build(ids, path, meta_path)
+        return np.memmap(path, dtype=_sa_dtype(len(ids)), mode="r", shape=(len(ids),)), crcs
 
     if isinstance(sa, CheckedIds):
         sa.repair_with(repair)  # a block found damaged by a query: rebuilt, and the query goes on
@@ -237,8 +236,8 @@ def _sa_dtype(n: int) -> np.dtype:
     return np.dtype(np.int32 if n < 2**31 else np.int64)
 
 
-def _build(ids: np.ndarray | CheckedIds, path: Path, meta_path: Path) -> None:
-    """Write the suffix array to `path` (atomically), then its description."""
+def _build(ids: np.ndarray | CheckedIds, path: Path, meta_path: Path) -> list[int]:
+    """Write the suffix array to `path` (atomically), then its description; its block checksums."""
     try:
         sa = suffix_array(ids).astype(_sa_dtype(len(ids)), copy=False)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -246,6 +245,7 @@ def _build(ids: np.ndarray | CheckedIds, path: Path, meta_path: Path) -> None:
         crcs = block_crcs(sa)
         del sa
         _write_meta(meta_path, len(ids), crcs)
+        return crcs
     except OSError as exc:
         raise CharLMError(f"novelty index {path.parent}: cannot write: {exc.strerror}") from None
 

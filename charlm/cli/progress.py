@@ -159,10 +159,8 @@ class Reporter(Callbacks):
         if result.seconds:
             lines.append("charlm: " + spent(result.seconds))
         lines.append(f"charlm: checkpoints in {out}/ (latest.pt, best.pt)")
-        best_pt = out / "best.pt"
-        sample_ckpt = best_pt if best_pt.exists() else out / "latest.pt"
-        lines.append(f"  sample:  charlm sample --checkpoint {shlex.quote(str(sample_ckpt))} --temperature 0.5")
-        latest = shlex.quote(str(out / "latest.pt"))
+        lines.append(f"  sample:  charlm sample --checkpoint {shlex.quote(str(result.best))} --temperature 0.5")
+        latest = shlex.quote(str(result.latest))
         if result.finished:
             lines.append(f"  train on: charlm resume {latest} --max-steps {result.step * 2}")
         else:

@@ -24,7 +24,7 @@ from charlm.cli.app import (
     handle_errors,
 )
 from charlm.config.run import ModelConfig, SessionConfig, TrainConfig
-from charlm.errors import CharLMError
+from charlm.errors import CharLMError, installed
 from charlm.training.events import Callbacks, TrainResult
 
 
@@ -124,11 +124,9 @@ def explain_run(result: TrainResult, warn: Callable[[str], None]) -> None:
     write the run's report page and card (`charlm.analysis.report`) into its folder. Both are
     conveniences made from the saved run, so a failure only warns (`charlm report` and
     `charlm plot` remake them)."""
-    import importlib.util
-
     if not result.metrics:  # no evaluation yet: nothing to draw or report
         return
-    if importlib.util.find_spec("matplotlib") is not None:
+    if installed("matplotlib"):
         from charlm.analysis.plot import plot_run
 
         try:

@@ -114,16 +114,8 @@ class BatchSampler:
                       max(1, min(_MAX_BLOCK, opts.length, _NOISE_FLOATS // (n * V))),
                       finished=opts.length == 0, done=[False] * n, tails=[""] * n)
         group.zeros = torch.zeros(n, V, dtype=self.stepper.head_w.dtype, device=self.device)
-        H, L = self.stepper.H, self.stepper.L
-        h = torch.zeros(n, L * H, dtype=self.stepper.dtype, device=self.device)
-        c = torch.zeros(L, n, H, dtype=self.stepper.dtype, device=self.device) if self.stepper.cell == "lstm" else None
-        if len(ids) > 1:  # the last prime character is the first step's input
-            state = _read(self.model, ids[:-1], self.device)
-            top = state[0] if isinstance(state, tuple) else state  # (L, 1, H)
-            h.copy_(top[:, 0].reshape(1, L * H).expand(n, -1))
-            if c is not None and isinstance(state, tuple):
-                c.copy_(state[1].expand(-1, n, -1))
-        group.state = (h, c)
+        # The last prime character is the first step's input; the ones before it make the state.
+        group.state = self.stepper.state_rows(_read(self.model, ids[:-1], self.device) if len(ids) > 1 else None, n)
         group.cur = torch.full((n,), ids[-1], dtype=torch.int64, device=self.device)
         if not group.finished:
             self.attach(group)

@@ -78,7 +78,7 @@ class Stepper:
 
     def resize(self, n: int) -> None:
         """Buffers for `n` rows, every state zero (the weights are kept): a batch whose rows
-        change (`charlm.generation.batch`) fills them with `set_rows`."""
+        change (`charlm.generation.batch`) fills them with `set_rows`, from `state_rows`."""
         L, H, dtype, device = self.L, self.H, self.dtype, self.device
         G = GATES[self.cell]
         self.n = n
@@ -116,13 +116,22 @@ class Stepper:
         if c is not None:
             self.c.copy_(c)
 
+    def state_rows(self, state: State | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`state` ((L, 1 or n, H) tensors, as the model returns; None: zeros) as `n` rows laid
+        out as `rows` gives them: h (n, L*H) and, for an LSTM, c (L, n, H)."""
+        L, H = self.L, self.H
+        hs = torch.zeros(n, L * H, dtype=self.dtype, device=self.device)
+        c = torch.zeros(L, n, H, dtype=self.dtype, device=self.device) if self.cell == "lstm" else None
+        if state is not None:
+            h = state[0] if isinstance(state, tuple) else state
+            hs.copy_(h.transpose(0, 1).reshape(-1, L * H).expand(n, -1))  # row r: [h_0[r] | h_1[r] | ...]
+            if c is not None and isinstance(state, tuple):
+                c.copy_(state[1].expand(-1, n, -1))
+        return hs, c
+
     def set_state(self, state: State) -> None:
         """Start every row from `state` ((L, 1 or N, H) tensors, as the model returns)."""
-        h = state[0] if isinstance(state, tuple) else state
-        for l in range(self.L):
-            self.h[l].copy_(h[l].expand(self.n, -1))
-        if self.cell == "lstm":
-            self.c.copy_(state[1].expand(-1, self.n, -1))
+        self.set_rows(*self.state_rows(state, self.n))
 
     def step(self, ids: torch.Tensor) -> None:
         """Feed ids (N,) int64; the new top-layer output is `self.top` (N, H)."""

@@ -162,22 +162,25 @@ class Damaged(CharLMError):
     """A checkpoint whose bytes changed after it was written (its digest does not hold)."""
 
 
-def _verify(obj: dict[str, Any], path: Path) -> None:
-    """Refuse a file whose parts do not match the digest written with it."""
+def _verify(obj: dict[str, Any], path: Path, beside: bool) -> None:
+    """Refuse a file whose parts do not match the digest written with it (with `beside`,
+    naming the newest intact checkpoint in its folder)."""
     digest = obj.get("digest")
     written = digest.get("parts") if isinstance(digest, dict) else None
     if not isinstance(written, dict):
-        raise Damaged(_damage(path, METADATA, "its checksums are missing"))
+        raise Damaged(_damage(path, METADATA, "its checksums are missing", beside))
     found = digests(obj)
     bad = [p for p in sorted(set(found) | set(written)) if found.get(p) != written.get(p)]
     if bad:
-        raise Damaged(_damage(path, " and ".join(bad), "do not match the checksums written with it"))
+        raise Damaged(_damage(path, " and ".join(bad), "do not match the checksums written with it", beside))
 
 
-def _damage(path: Path, part: str, what: str) -> str:
+def _damage(path: Path, part: str, what: str, beside: bool) -> str:
     """The line for a damaged file: which part, why it happens, and what is intact beside it."""
     text = (f"{path}: damaged: its {part} {what} (the file changed after charlm wrote it: a failing "
             "disk, a bad copy or a sync tool)")
+    if not beside:
+        return text
     other = newest_intact(path.parent, skip=path)
     if other is None:
         return text + f"; no other checkpoint in {path.parent} is intact"
@@ -199,13 +202,7 @@ def verify_files(target: Path) -> list[tuple[Path, bool, bool, int | None, str]]
     out: list[tuple[Path, bool, bool, int | None, str]] = []
     for p in files:
         try:
-            ck = _load(p, report=False)
-        except Damaged:
-            try:
-                _load(p, report=True)  # for the message naming the part
-            except CharLMError as exc:
-                out.append((p, False, False, None, str(exc)))
-            continue
+            ck = _load(p, beside=False)
         except CharLMError as exc:
             out.append((p, False, False, None, str(exc)))
             continue
@@ -220,7 +217,7 @@ def newest_intact(folder: Path, skip: Path | None = None) -> tuple[int, Path] | 
         if skip is not None and p.resolve() == skip.resolve():
             continue
         try:
-            ck = _load(p, report=False)
+            ck = _load(p, beside=False)
         except CharLMError:
             continue
         # At the same step, latest.pt, then a step file, then best.pt (an average with --ema).
@@ -241,10 +238,10 @@ def load(path: Path | str) -> Checkpoint:
     file whose digest does not hold (naming the part, and the newest intact checkpoint
     beside it).
     """
-    return _load(Path(path), report=True)
+    return _load(Path(path), beside=True)
 
 
-def _load(path: Path, report: bool) -> Checkpoint:
+def _load(path: Path, beside: bool) -> Checkpoint:
     obj = _read(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CharLMError(f"{path}: not a charlm checkpoint (a PyTorch file of another kind)")
@@ -257,10 +254,7 @@ def _load(path: Path, report: bool) -> Checkpoint:
             f"up to {VERSION}); upgrade charlm"
         )
     if version >= DIGESTED:
-        if report:
-            _verify(obj, path)
-        elif digests(obj) != (obj.get("digest") or {}).get("parts"):  # looking for an intact one: no message
-            raise Damaged(f"{path}: damaged")
+        _verify(obj, path, beside)
     try:
         ck = Checkpoint.from_dict(_upgrade(obj), str(path))
     except (KeyError, TypeError) as exc:

@@ -59,6 +59,12 @@ class RunDir:
         return self.path / LATEST
 
     @property
+    def to_sample(self) -> Path:
+        """The checkpoint to sample from: best.pt (the lowest held-out bpc), else latest.pt."""
+        best = self.path / BEST
+        return best if best.exists() else self.latest
+
+    @property
     def metrics(self) -> Path:
         return self.path / METRICS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.config.run import RunConfig
-from charlm.storage.rundir import BEST, RunDir
+from charlm.storage.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,7 @@ class TrainResult:
     @property
     def best(self) -> Path:
         """The checkpoint with the lowest held-out bpc (to sample from), else the latest."""
-        best = self.out_dir / BEST
-        return best if best.exists() else self.latest
+        return RunDir(self.out_dir).to_sample
 
 
 class Callbacks:

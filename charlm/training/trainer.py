@@ -60,7 +60,6 @@ class Trainer:
         self.dist = d = dist or Dist()
         tc = cfg.train
         self.precision = resolve_precision(cfg.session.precision, device)
-        self.machine = machine(device)  # read once: every checkpoint records it
         # --batch-size streams per process: the text is cut into batch_size x world_size
         # streams, and each rank trains on its own block of them.
         mine = range(d.rank * tc.batch_size, (d.rank + 1) * tc.batch_size)
@@ -134,7 +133,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
             progress=progress, budget=budget, hidden=all_hidden, ranks=ranks,
-            trained_on=TrainedOn(self.device.type, self.precision, len(ranks), self.machine), init=self.init,
+            trained_on=TrainedOn(self.device.type, self.precision, len(ranks), machine(self.device)), init=self.init,
             planner=self.planner)
 
     def load(self, ck: Checkpoint, path: Path | None = None) -> None:
