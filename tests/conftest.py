@@ -47,6 +47,25 @@ CHARS_PER_STEP = TINY_SETTINGS["batch_size"] * TINY_SETTINGS["seq_len"]
 RUN_STEPS = 30  # the shared run: evaluations at steps 10, 20 and 30
 
 
+def served_alone(lm: Any, **options: Any) -> str | list[str]:
+    """What `charlm serve` writes for one request of these options with no other request
+    beside it: its shared engine alone (`lm.sample` is the unshared engine, whose text can
+    differ where a rounding difference tips a near tie)."""
+    from charlm.config.sampling import SampleOptions
+    from charlm.generation.batch import BatchSampler
+
+    opts = SampleOptions(**options)
+    engine = BatchSampler(lm.model, lm.vocab, lm.device, shared=True)
+    engine.add(opts)
+    rows: list[list[str]] = [[] for _ in range(opts.num_samples)]
+    while engine.groups:
+        for _, chars in engine.step():
+            for row, ch in enumerate(chars):
+                rows[row].append(ch)
+    texts = ["".join(r) for r in rows]
+    return texts[0] if opts.num_samples == 1 else texts
+
+
 def read_corpus(specs: list[str] | None, encoding: str | None = None) -> SimpleNamespace:
     """A corpus read the one way charlm reads corpora (encoded into the cache), with its
     text decoded again: .text, .specs, .documents, .sha256."""

@@ -11,7 +11,7 @@ import torch
 from charlm.config.run import ModelConfig
 from charlm.config.sampling import SampleOptions
 from charlm.data.vocab import Vocab
-from charlm.generation.batch import BatchSampler
+from charlm.generation.batch import BatchSampler, exact_rows, padded_rows
 from charlm.generation.sampler import Sampler
 from charlm.model.network import CharRNN
 
@@ -39,10 +39,15 @@ def _requests(count: int) -> list[SampleOptions]:
 
 
 def _alone(model: CharRNN, opts: SampleOptions) -> list[str]:
+    """What a group writes alone in a shared engine (as one request in `charlm serve`)."""
+    engine = BatchSampler(model, VOCAB, shared=True)
+    group = engine.add(opts)
     rows: list[list[str]] = [[] for _ in range(opts.num_samples)]
-    for chars in Sampler(model, VOCAB).generate_batch(opts):
-        for row, ch in enumerate(chars):
-            rows[row].append(ch)
+    while engine.groups:
+        for g, chars in engine.step():
+            assert g is group
+            for row, ch in enumerate(chars):
+                rows[row].append(ch)
     return ["".join(r) for r in rows]
 
 
@@ -51,7 +56,7 @@ def test_groups_joining_and_leaving_write_what_they_write_alone(cell):
     model = _model(cell)
     requests = _requests(30)
     want = [_alone(model, o) for o in requests]
-    engine = BatchSampler(model, VOCAB)
+    engine = BatchSampler(model, VOCAB, shared=True)
     rng = random.Random(7)
     index, texts = {}, {}
     todo = list(range(len(requests)))
@@ -122,7 +127,7 @@ def test_a_rows_numbers_are_bit_for_bit_those_it_has_alone(cell):
     others (text alone would hide a rounding difference until two characters nearly tie)."""
     model = _model(cell)
     opts = SampleOptions(length=200, temperature=1.0, seed=5, prime="the ")
-    alone, shared = BatchSampler(model, VOCAB), BatchSampler(model, VOCAB)
+    alone, shared = BatchSampler(model, VOCAB, shared=True), BatchSampler(model, VOCAB, shared=True)
     mine = alone.add(opts)
     shared.add(SampleOptions(length=200, temperature=0.7, seed=6, num_samples=5))
     theirs = shared.add(opts)
@@ -132,3 +137,55 @@ def test_a_rows_numbers_are_bit_for_bit_those_it_has_alone(cell):
         (a, b), = [(a, b) for g, a, b in shared.spans if g is theirs]
         assert torch.equal(alone.stepper.rows()[0][:1], shared.stepper.rows()[0][a:b])
     assert mine.steps == theirs.steps == 40
+
+
+def test_an_engine_that_is_not_shared_runs_its_own_rows_only():
+    """`charlm sample` and the API: no spare rows (on this machine a one-row product is the
+    fastest), and the text of the Sampler is the engine's."""
+    model = _model("lstm")
+    for n in (1, 3):
+        opts = SampleOptions(length=30, seed=9, num_samples=n, temperature=0.9)
+        engine = BatchSampler(model, VOCAB)
+        engine.add(opts)
+        engine.step()
+        assert engine.stepper.n == n and engine.spare is None
+        rows = [list(r) for r in zip(*Sampler(model, VOCAB).generate_batch(opts), strict=True)]
+        assert len(rows) == n and all(len(r) == 30 for r in rows)
+
+
+def test_padded_rows_takes_the_smallest_exact_size_that_holds_the_batch():
+    assert [padded_rows(n, (4, 8, 12)) for n in (1, 3, 4, 5, 8, 9, 12, 13, 70)] == [4, 4, 4, 8, 8, 12, 12, 13, 70]
+    assert [padded_rows(n, (2,)) for n in (1, 2, 3)] == [2, 2, 3]
+    assert padded_rows(1, (1,)) == 1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_exact_rows_finds_sizes_that_agree_and_only_those(cell):
+    """The sizes exact_rows gives compute a row as a 64-row batch does, checked here through
+    the engine's own stepper; a size below the last that it leaves out (where this machine
+    has one) does round differently, so the padding is needed, not a guess."""
+    model = _model(cell)
+    st = BatchSampler(model, VOCAB).stepper
+    sizes = exact_rows(st)
+    assert sizes == tuple(sorted(sizes)) and st.n == 1
+    torch.manual_seed(11)
+    hs, c = torch.rand(64, st.L * st.H) * 2 - 1, torch.randn(st.L, 64, st.H)
+    ids = torch.randint(0, len(VOCAB), (64,))
+
+    def rows(m):
+        st.resize(m)
+        st.set_rows(hs[:m], c[:, :m] if st.cell == "lstm" else None)
+        st.step(ids[:m])
+        h, cc = st.rows()
+        return h.clone(), torch.addmm(st.head_b, st.top, st.head_w), cc.clone() if cc is not None else None
+
+    def same(m, ref):
+        got = rows(m)
+        return (torch.equal(got[0], ref[0][:m]) and torch.equal(got[1], ref[1][:m])
+                and (got[2] is None or torch.equal(got[2], ref[2][:, :m])))
+
+    ref = rows(64)
+    for m in (*sizes, *range(sizes[-1], 40)):
+        assert same(m, ref), m
+    for m in [m for m in range(1, sizes[-1]) if m not in sizes]:
+        assert not same(m, ref), m

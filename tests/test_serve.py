@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 import typer
 from browser import WebDriver, needs_webdriver
-from conftest import charlm_cmd, one_line_error, subprocess_env
+from conftest import charlm_cmd, one_line_error, served_alone, subprocess_env
 from typer.testing import CliRunner
 
 from charlm.cli import app
@@ -196,12 +196,12 @@ def server(ckpt, tmp_path_factory):
 def test_generate_is_the_library_sample(server, lm):
     data = server.generate(prime=PRIME, length=120, temperature=0.8, seed=5)
     assert data["seed"] == 5
-    assert data["text"] == lm.sample(prime=PRIME, length=120, temperature=0.8, seed=5)
+    assert data["text"] == served_alone(lm, prime=PRIME, length=120, temperature=0.8, seed=5)
     assert data["samples"] == [data["text"]]
     # top-k, top-p, stop and several samples go through as they are.
     opts = {"prime": PRIME, "length": 200, "temperature": 1.2, "top_k": 5, "top_p": 0.9, "stop": "e", "seed": 9}
     data = server.generate(num_samples=3, **opts)
-    assert data["samples"] == lm.sample(num_samples=3, **opts)
+    assert data["samples"] == served_alone(lm, num_samples=3, **opts)
     assert all(s.endswith("e") and s.count("e") == 1 for s in data["samples"])
     # No seed: the server picks one and says which, so the text can be had again.
     data = server.generate(prime=PRIME, length=60)
@@ -362,7 +362,7 @@ def test_concurrent_clients_each_get_their_own_text(server, lm):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a client hung"
     for i in range(n):
-        assert results[i] == lm.sample(prime=PRIME, length=300 + 10 * i, seed=100 + i), i
+        assert results[i] == served_alone(lm, prime=PRIME, length=300 + 10 * i, seed=100 + i), i
 
 
 def test_over_the_in_flight_limit_is_503_then_served_again(server):
@@ -565,7 +565,7 @@ def test_the_token_is_needed_everywhere_but_the_page_and_health(guarded, lm):
         assert anon.request("GET", "/info", headers={"Authorization": header})[0] == 401, header
     # The right token (the scheme in any case), plain and streamed.
     assert anon.request("GET", "/info", headers={"Authorization": f"bearer {TOKEN}"})[0] == 200
-    expected = lm.sample(prime=PRIME, length=80, seed=6)
+    expected = served_alone(lm, prime=PRIME, length=80, seed=6)
     assert guarded.generate(prime=PRIME, length=80, seed=6)["text"] == expected
     events = Stream(guarded, prime=PRIME, length=80, seed=6).events()
     assert "".join(d["text"] for name, d in events if name == "message") == expected

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import served_alone
 from test_serve import LONG, PRIME, Stream, server  # noqa: F401  (the module's server fixture)
 
 PROMPT_S = 10.0  # "promptly": far above a normal request's time here, far below a hang
@@ -22,7 +23,7 @@ def _normal(srv, lm) -> None:
     start = time.monotonic()
     got = srv.generate(prime=PRIME, length=40, seed=77)["text"]
     assert time.monotonic() - start < PROMPT_S
-    assert got == lm.sample(prime=PRIME, length=40, seed=77)
+    assert got == served_alone(lm, prime=PRIME, length=40, seed=77)
 
 
 def test_abandoned_streams_stop_taking_steps_at_once(server, lm):  # noqa: F811
@@ -130,6 +131,6 @@ def test_many_clients_at_once_each_get_their_text_from_one_batch(server, lm):  #
     watcher.join()
     assert peak[0] >= 4, peak  # generated together, not one request after another
     for i in range(n):
-        want = lm.sample(prime=PRIME, length=3000 + 100 * i, seed=300 + i, num_samples=1 + i % 2)
+        want = served_alone(lm, prime=PRIME, length=3000 + 100 * i, seed=300 + i, num_samples=1 + i % 2)
         assert results[i] == (want if isinstance(want, list) else [want]), i
     assert json.loads(json.dumps(server.health()))["status"] == "ok"

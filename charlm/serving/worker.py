@@ -161,7 +161,7 @@ class GenerationWorker:
 
     def _run(self) -> None:
         try:
-            engine = BatchSampler(self.lm.model, self.lm.vocab, self.lm.device)
+            engine = BatchSampler(self.lm.model, self.lm.vocab, self.lm.device, shared=True)
             while self._turn(engine):
                 pass
         except BaseException as exc:
