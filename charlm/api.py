@@ -84,6 +84,15 @@ class CharLM:
                             "seconds": round(time.perf_counter() - started, 3)}
         return other
 
+    def adaptation_summary(self) -> str:
+        """What `adapted` did, in one line ("" for a model that was not adapted)."""
+        a = self.adaptation
+        if not a:
+            return ""
+        read = f"{a['chars']:,}" if a["chars"] == a["prime_chars"] else f"last {a['chars']:,} of {a['prime_chars']:,}"
+        return (f"adapted a copy of the model to the prime's {read} characters "
+                f"({a['passes']} passes, {a['seconds']:.1f} s)")
+
     def sample(self, **options: Any) -> str | list[str]:
         """Generated text (prime not included): a string, or a list when num_samples > 1."""
         opts = SampleOptions(**options)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import charlm_cmd, subprocess_env
 from typer.testing import CliRunner
 
@@ -51,7 +52,11 @@ def test_commands_change_the_options():
             s.options.seed) == (0.7, 300, 0.9, 5, 42)
     assert s.handle("/seed off").text == "/seed off" and s.options.seed is None
     assert s.handle("/length").text == "/length 300"  # no value: show it
-    assert s.describe() == "temperature 0.7, length 300, top-k 5, top-p 0.9, seed off"
+    assert s.describe() == "temperature 0.7, length 300, top-k 5, top-p 0.9, seed off, adapt off"
+    assert s.handle("/adapt on").text == "/adapt on" and s.adapt and s.options.adapt is False
+    assert s.handle("/adapt").text == "/adapt on"
+    assert s.handle("/adapt maybe").text == "/adapt: on or off, got 'maybe'" and s.adapt
+    assert s.handle("/adapt off").text == "/adapt off" and not s.adapt
     assert s.generation("abc") == {"length": 300, "temperature": 0.7, "top_k": 5, "top_p": 0.9,
                                    "prime": "abc", "seed": None, "stop": "", "unknown": "skip", "num_samples": 1,
                                    "adapt": False}
@@ -86,7 +91,8 @@ def test_lines_that_are_primes_help_and_quit():
     help_text = s.handle("/help").text
     for command in ("/temperature", "/length", "/top-k", "/top-p", "/seed", "/help", "/quit"):
         assert command in help_text
-    assert help_text.endswith("now: temperature 1, length 500, top-k 0, top-p 1, seed off")
+    assert "/adapt" in help_text
+    assert help_text.endswith("now: temperature 1, length 500, top-k 0, top-p 1, seed off, adapt off")
     assert s.handle("/quit").action == "quit" and s.handle("/exit").action == "quit"
 
 
@@ -102,6 +108,29 @@ def test_run_in_process_streams_and_skips_unknown_characters(ckpt, lm):
     assert out.getvalue() == sample_cli(ckpt, "-t", "0", "-n", "40", "--prime", "The state of ")
     assert errs.getvalue().splitlines() == [
         "/temperature 0", "/length 40", "not in the vocabulary, left out: '€'"]
+
+
+def test_adapt_continues_each_line_with_a_copy_adapted_to_it_and_leaves_the_model_alone(ckpt, lm):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    line = "My fellow Americans, the state of our Union is strong. " * 3
+    stdin = io.StringIO(f"/seed 4\n/length 60\n{line}\n/adapt on\n{line}\nM\n/adapt off\n{line}\n")
+    out, errs = io.StringIO(), io.StringIO()
+    run(lm, ChatSession(), stdin, out, errs, interactive=False)
+    plain, adapted, short, again = out.getvalue().splitlines()
+    assert plain == again == lm.sample(prime=line, length=60, seed=4)  # off: the loaded model, unchanged
+    assert adapted == lm.sample(prime=line, length=60, seed=4, adapt=True) != plain
+    assert short == lm.sample(prime="M", length=60, seed=4)  # nothing to adapt to: the loaded model
+    said = errs.getvalue().splitlines()
+    assert said[3].startswith(f"adapted a copy of the model to the prime's {len(line):,} characters (")
+    assert said[4] == "/adapt: the prime needs at least 2 characters the model knows: continuing with the loaded model"
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_chat_adapt_flag_starts_the_session_adapting(ckpt):
+    res = chat_pipe(ckpt, "The state of our Union\n", "--adapt", "--seed", "3", "--length", "30")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("adapted a copy of the model to the prime's 22 characters (")
+    assert len(res.stdout) == 31
 
 
 # --- through a pipe -------------------------------------------------------------------------

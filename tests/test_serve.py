@@ -270,6 +270,7 @@ def test_info_and_health(server, lm):
 BAD = [
     # unknown fields and wrong types
     ({"lenght": 5}, 422, "lenght"),
+    ({"adapt": True, "prime": "The state of"}, 422, "adapt"),  # the CLI's and the API's, not the server's
     ({"length": "5"}, 422, "length"),
     ({"length": 5.0}, 422, "length"),
     ({"temperature": "hot"}, 422, "temperature"),

@@ -54,6 +54,8 @@ Type a prime and press Enter: the model continues it (an empty line: no prime).
   /top-k K         sample among the K most likely characters (0 = off)
   /top-p P         sample from the smallest set with probability >= P (1 = off)
   /seed N | off    same seed, same prime: same text (off: random each time)
+  /adapt on | off  first adapt a copy of the model to each prime, then continue it with
+                   that copy (the loaded model is never changed)
   /help            this list and the current values
   /quit            end the session (or Ctrl-D)
 A command without a value shows it. Ctrl-C stops a generation. Start a prime with
@@ -72,8 +74,10 @@ class Reply:
 class ChatSession:
     """The session's sampling options and the meaning of each input line."""
 
-    def __init__(self, options: SampleOptions | None = None) -> None:
+    def __init__(self, options: SampleOptions | None = None, adapt: bool = False) -> None:
         self.options = (options or SampleOptions()).check()
+        # Kept beside the options: they hold no prime, which --adapt needs (the lines give it).
+        self.adapt = adapt
 
     def handle(self, line: str) -> Reply:
         """Interpret one input line (without its newline)."""
@@ -87,6 +91,11 @@ class ChatSession:
             return Reply("quit")
         if name in ("help", "h", "?"):
             return Reply("say", f"{HELP}\nnow: {self.describe()}")
+        if name == "adapt":
+            if value.lower() not in ("", "on", "off"):
+                return Reply("say", f"/adapt: on or off, got {value!r}")
+            self.adapt = value.lower() == "on" if value else self.adapt
+            return Reply("say", f"/adapt {'on' if self.adapt else 'off'}")
         if name not in _OPTIONS:
             return Reply("say", f"unknown command /{name} (/help lists them)")
         field, parse = _OPTIONS[name]
@@ -103,7 +112,8 @@ class ChatSession:
         return Reply("say", f"/{name} {self._show(field)}")
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {self._show(field)}" for name, (field, _) in _OPTIONS.items())
+        shown = [f"{name} {self._show(field)}" for name, (field, _) in _OPTIONS.items()]
+        return ", ".join([*shown, f"adapt {'on' if self.adapt else 'off'}"])
 
     def _show(self, field: str) -> str:
         value = getattr(self.options, field)
@@ -148,7 +158,14 @@ def run(lm: Any, session: ChatSession, stdin: TextIO | None = None, stdout: Text
         if interactive:
             stdout.write(lm.vocab.decode(lm.vocab.encode(prime, unknown="skip")))
             stdout.flush()
-        chars = lm.stream(**session.generation(prime))
+        model = lm
+        if session.adapt:
+            try:
+                model = lm.adapted(prime, unknown="skip")
+                say(model.adaptation_summary())
+            except CharLMError as exc:  # fewer than 2 known characters to adapt to
+                say(f"{str(exc).replace('--adapt', '/adapt', 1)}: continuing with the loaded model")
+        chars = model.stream(**session.generation(prime))
         try:
             for ch in chars:
                 stdout.write(ch)

@@ -58,10 +58,7 @@ def sample(
     if opts.adapt:
         model = model.adapted(opts.prime, opts.unknown)
         opts = replace(opts, adapt=False)
-        a = model.adaptation or {}
-        read = f"{a['chars']:,}" if a["chars"] == a["prime_chars"] else f"last {a['chars']:,} of {a['prime_chars']:,}"
-        err(f"charlm: adapted a copy of the model to the prime's {read} characters "
-            f"({a['passes']} passes, {a['seconds']:.1f} s)")
+        err(f"charlm: {model.adaptation_summary()}")
     # The index first: a missing or changed training text is reported before sampling.
     index = _novelty_index(model) if novelty else None
     ids = model.sampler.prime_ids(opts.prime, opts.unknown)
@@ -205,17 +202,18 @@ def novelty_cmd(
 
 @app.command()
 @handle_errors
-@derived_options(SampleOptions, only=("temperature", "length", "top_k", "top_p", "seed"), unset=False)
+@derived_options(SampleOptions, only=("temperature", "length", "top_k", "top_p", "seed", "adapt"), unset=False)
 def chat(
     checkpoint: CheckpointArg,
     device: DeviceOpt = "cpu",
     **options: Any,
 ) -> None:
     """Interactive session: each line is a prime, its continuation streams back; /help lists
-    commands (/temperature, /length, /top-k, /top-p, /seed change the starting options).
-    From a pipe: one continuation per input line on stdout."""
+    commands (/temperature, /length, /top-k, /top-p, /seed, /adapt change the starting
+    options). From a pipe: one continuation per input line on stdout."""
     from charlm.api import load
     from charlm.cli.chat import ChatSession, run
 
-    session = ChatSession(SampleOptions(**options))
+    adapt = options.pop("adapt")
+    session = ChatSession(SampleOptions(**options), adapt=adapt)
     run(load(checkpoint, device=device), session)

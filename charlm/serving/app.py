@@ -70,6 +70,11 @@ def from_validation_error(exc: ValidationError) -> RequestError:
     if not loc:
         return RequestError(422, "body", "body: must be a JSON object of sampling options")
     field = loc[0]
+    if e["type"] == "extra_forbidden" and field == "adapt":
+        # Adapting a copy takes seconds of the one worker thread, which every request shares,
+        # and an adapted copy's rows cannot share the batch: the CLI and the API offer it.
+        return RequestError(422, field, "adapt: not offered by charlm serve (adapting would stall every other "
+                            "request); use charlm sample --adapt, charlm chat --adapt or CharLM.sample(adapt=True)")
     if e["type"] == "extra_forbidden":
         known = ", ".join(GenerateRequest.model_fields)
         return RequestError(422, field, f"{field}: unknown field (known: {known})")
