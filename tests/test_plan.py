@@ -380,3 +380,22 @@ def test_weight_drop_is_its_own_speed_and_off_keeps_the_old_keys():
     dropped = probe.speed_key(shape, 90, cpu, "fp32", ModelConfig(weight_drop=0.3))
     assert dropped != plain and dropped.endswith(" wd0.3 ld0")
     assert probe.speed_key(shape, 90, cpu, "fp32", ModelConfig(locked_dropout=0.1)) not in (plain, dropped)
+
+
+def test_a_width_needs_characters_for_its_parameters_as_well_as_steps():
+    """On a Zen 5, 2x512 took 5,063 steps in 4 minutes (over MIN_STEPS) on 1.6 characters per
+    parameter and lost to 2x384: a width whose run has the steps but not MIN_CHARS_PER_PARAM
+    characters per parameter is not the steps rule's choice."""
+    from charlm.training.budget import TIME_MARGIN
+    from charlm.training.planner import MIN_CHARS_PER_PARAM, MIN_STEPS
+
+    steps = {128: 40_000, 192: 25_000, 256: 17_600, 384: 9_900, 512: 5_100}
+    assert steps[512] > MIN_STEPS
+    assert steps[512] * 1024 < MIN_CHARS_PER_PARAM * Shape(hidden_size=512).params(VOCAB) < steps[384] * 1024
+
+    def speed(shape: Shape) -> float:
+        return (steps[shape.hidden_size] + 0.5) * 1024 / (240 * (1 - TIME_MARGIN))
+
+    p = make_plan(budgeted(240), set(), 10**9, 2, VOCAB, speed, "cpu")
+    assert p.shape.hidden_size == 384
+    assert any("the widest with 4,000 steps and 2 characters per parameter" in line for line in p.why)

@@ -7,8 +7,10 @@ the text that is (E = characters / training characters), and chooses by a rule f
 the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
 
 - width (a 2-layer LSTM), the wider of two: the widest whose run still takes `MIN_STEPS`
-  optimizer steps (a wider one learns more per step but takes fewer of them, and below that
-  many it is not trained enough to be worth its size), and the narrowest whose run sees its
+  optimizer steps and trains on `MIN_CHARS_PER_PARAM` characters per parameter (a wider one
+  learns more per step but takes fewer of them, and below that it is not trained enough to
+  be worth its size: on a Zen 5, 2x512 took 5,063 steps in 4 minutes, 1.6 characters per
+  parameter, and lost 0.067 bpc to 2x384 at 5.3), and the narrowest whose run sees its
   text at most `MAX_PASSES` times (a narrow network that reads a short text over and over
   learns less from it than a wider one that reads it fewer times), as long as that one still
   takes `FEWEST_STEPS`. On a big corpus the first decides (the budget is the limit), on a
@@ -50,6 +52,7 @@ WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the widths a GPU may get
 # 30-minute run (lr 0.005, bf16) stalled at 2.2 bpc after 2,800 steps, where 2x384 reaches 1.6.
 CPU_WIDTHS = WIDTHS[:WIDTHS.index(512) + 1]
 MIN_STEPS = 4000  # a width is worth its size when its run takes at least this many steps ...
+MIN_CHARS_PER_PARAM = 2.0  # ... and trains on at least this many characters per parameter,
 MAX_PASSES = 5.0  # ... or when a narrower one would read the text more than this many times,
 FEWEST_STEPS = 1000  # ... as long as it still takes this many
 DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / MAX_PASSES) beyond it ...
@@ -198,7 +201,7 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
     chosen = base
     if time_cap is not None and "hidden_size" not in explicit:
         widths = WIDTHS if device_type == "cuda" else CPU_WIDTHS
-        chosen = _choose_width(base, train_chars, chars_of, why, widths)
+        chosen = _choose_width(base, train_chars, chars_of, why, widths, vocab_size)
     settings: dict[str, Any] = {}
     if chosen.hidden_size != cfg.model.hidden_size:
         settings["hidden_size"] = chosen.hidden_size
@@ -228,8 +231,9 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
 
 
 def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
-                  why: list[str], widths: tuple[int, ...]) -> Shape:
-    """The wider of: the widest width whose run takes MIN_STEPS steps, and the narrowest whose
+                  why: list[str], widths: tuple[int, ...], vocab_size: int) -> Shape:
+    """The wider of: the widest width whose run takes MIN_STEPS steps on MIN_CHARS_PER_PARAM
+    characters per parameter, and the narrowest whose
     run reads the text at most MAX_PASSES times (narrow to wide; a wider width only takes
     fewer steps and reads the text fewer times, so the search stops once both are settled)."""
     by_steps, by_passes, trainable = widths[0], None, widths[0]
@@ -240,16 +244,17 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
         if steps < FEWEST_STEPS:
             break  # too few steps to train this width (or any wider one) at all
         trainable = width
-        if steps >= MIN_STEPS:
+        enough = steps >= MIN_STEPS and chars >= MIN_CHARS_PER_PARAM * shape.params(vocab_size)
+        if enough:
             by_steps = width
         if by_passes is None and passes <= MAX_PASSES:
             by_passes = width
-        if by_passes is not None and steps < MIN_STEPS:
+        if by_passes is not None and not enough:
             break
     chosen = max(by_steps, by_passes or trainable)  # no width reads it few enough times: the widest
     few = (f"{by_passes} units: the narrowest" if by_passes else f"none up to {trainable} units is")
-    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps; {few} reading the text at most "
-               f"{MAX_PASSES:g} times")
+    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps and {MIN_CHARS_PER_PARAM:g} characters "
+               f"per parameter; {few} reading the text at most {MAX_PASSES:g} times")
     return replace(base, hidden_size=chosen)
 
 
