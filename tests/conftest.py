@@ -47,22 +47,30 @@ CHARS_PER_STEP = TINY_SETTINGS["batch_size"] * TINY_SETTINGS["seq_len"]
 RUN_STEPS = 30  # the shared run: evaluations at steps 10, 20 and 30
 
 
+def alone_in_shared_engine(model: Any, vocab: Any, opts: Any, device: Any = "cpu") -> list[str]:
+    """The rows' text of one group of `opts` alone in a shared engine (as one request with no
+    other beside it in `charlm serve`)."""
+    from charlm.generation.batch import BatchSampler
+
+    engine = BatchSampler(model, vocab, device, shared=True)
+    group = engine.add(opts)
+    rows: list[list[str]] = [[] for _ in range(opts.num_samples)]
+    while engine.groups:
+        for g, chars in engine.step():
+            assert g is group
+            for row, ch in enumerate(chars):
+                rows[row].append(ch)
+    return ["".join(r) for r in rows]
+
+
 def served_alone(lm: Any, **options: Any) -> str | list[str]:
     """What `charlm serve` writes for one request of these options with no other request
     beside it: its shared engine alone (`lm.sample` is the unshared engine, whose text can
     differ where a rounding difference tips a near tie)."""
     from charlm.config.sampling import SampleOptions
-    from charlm.generation.batch import BatchSampler
 
     opts = SampleOptions(**options)
-    engine = BatchSampler(lm.model, lm.vocab, lm.device, shared=True)
-    engine.add(opts)
-    rows: list[list[str]] = [[] for _ in range(opts.num_samples)]
-    while engine.groups:
-        for _, chars in engine.step():
-            for row, ch in enumerate(chars):
-                rows[row].append(ch)
-    texts = ["".join(r) for r in rows]
+    texts = alone_in_shared_engine(lm.model, lm.vocab, opts, lm.device)
     return texts[0] if opts.num_samples == 1 else texts
 
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import alone_in_shared_engine
 
 from charlm.config.run import ModelConfig
 from charlm.config.sampling import SampleOptions
@@ -40,15 +41,7 @@ def _requests(count: int) -> list[SampleOptions]:
 
 def _alone(model: CharRNN, opts: SampleOptions) -> list[str]:
     """What a group writes alone in a shared engine (as one request in `charlm serve`)."""
-    engine = BatchSampler(model, VOCAB, shared=True)
-    group = engine.add(opts)
-    rows: list[list[str]] = [[] for _ in range(opts.num_samples)]
-    while engine.groups:
-        for g, chars in engine.step():
-            assert g is group
-            for row, ch in enumerate(chars):
-                rows[row].append(ch)
-    return ["".join(r) for r in rows]
+    return alone_in_shared_engine(model, VOCAB, opts)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

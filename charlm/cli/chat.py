@@ -95,7 +95,7 @@ class ChatSession:
             if value.lower() not in ("", "on", "off"):
                 return Reply("say", f"/adapt: on or off, got {value!r}")
             self.adapt = value.lower() == "on" if value else self.adapt
-            return Reply("say", f"/adapt {'on' if self.adapt else 'off'}")
+            return Reply("say", f"/adapt {self._adapt_shown()}")
         if name not in _OPTIONS:
             return Reply("say", f"unknown command /{name} (/help lists them)")
         field, parse = _OPTIONS[name]
@@ -113,7 +113,10 @@ class ChatSession:
 
     def describe(self) -> str:
         shown = [f"{name} {self._show(field)}" for name, (field, _) in _OPTIONS.items()]
-        return ", ".join([*shown, f"adapt {'on' if self.adapt else 'off'}"])
+        return ", ".join([*shown, f"adapt {self._adapt_shown()}"])
+
+    def _adapt_shown(self) -> str:
+        return "on" if self.adapt else "off"
 
     def _show(self, field: str) -> str:
         value = getattr(self.options, field)

@@ -233,9 +233,9 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
 def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
                   why: list[str], widths: tuple[int, ...], vocab_size: int) -> Shape:
     """The wider of: the widest width whose run takes MIN_STEPS steps on MIN_CHARS_PER_PARAM
-    characters per parameter, and the narrowest whose
-    run reads the text at most MAX_PASSES times (narrow to wide; a wider width only takes
-    fewer steps and reads the text fewer times, so the search stops once both are settled)."""
+    characters per parameter, and the narrowest whose run reads the text at most MAX_PASSES
+    times (narrow to wide; a wider width only takes fewer steps, reads the text fewer times
+    and has more parameters, so the search stops once both are settled)."""
     by_steps, by_passes, trainable = widths[0], None, widths[0]
     for width in widths:
         shape = replace(base, hidden_size=width, dropout=0.0)
