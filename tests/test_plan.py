@@ -84,9 +84,13 @@ def test_the_width_is_the_wider_of_the_steps_and_the_passes_rules():
     # A billion characters: every width reads them under 5 times, so the steps decide: the
     # widest with 4,000 steps.
     assert chosen(10**9) == 256
-    # 800,000 characters: 256 units would read them 5.8 times, 384 units 3.8: the narrowest
-    # that reads them at most 5 times, being wider than the steps rule's.
-    assert chosen(800_000) == 384
+    # 700,000 characters: 256 units would read them 6.6 times (1.32x the 5), 384 units 4.4
+    # times on 1.6 characters per parameter (1.24x short of 2): the narrowest that reads
+    # them at most 5 times, being wider than the steps rule's and nearer its limit.
+    assert chosen(700_000) == 384
+    # 800,000 characters: 256 units read them 5.8 times (1.15x), nearer their limit than
+    # 384's 1.24x: the two rules disagree and the narrower stays.
+    assert chosen(800_000) == 256
     # 100,000 characters: even 512 units read them 15 times; the widest that still takes
     # 1,000 steps.
     assert chosen(100_000) == 512
@@ -399,3 +403,26 @@ def test_a_width_needs_characters_for_its_parameters_as_well_as_steps():
     p = make_plan(budgeted(240), set(), 10**9, 2, VOCAB, speed, "cpu")
     assert p.shape.hidden_size == 384
     assert any("the widest with 4,000 steps and 2 characters per parameter" in line for line in p.why)
+
+
+def test_where_the_two_width_rules_disagree_the_width_nearer_its_limits_is_chosen():
+    """The Zen 5's second 4-minute run on State of the Union: with the first run's speeds,
+    2x384 would read the 1,970,135 training characters 5.5 times (over MAX_PASSES) and 2x512
+    would train on 1.6 characters per parameter; the passes rule alone took 2x512, which
+    scored 0.067 bpc worse. 2x384 is 1.10x past its limit, 2x512 1.29x: 2x384 stays."""
+    from charlm.training.budget import TIME_MARGIN
+
+    steps = {128: 58_000, 192: 25_000, 256: 17_000, 384: 10_600, 512: 5_100}
+    train_chars = 1_970_135
+
+    def speed(shape: Shape) -> float:
+        return (steps[shape.hidden_size] + 0.5) * 1024 / (240 * (1 - TIME_MARGIN))
+
+    p = make_plan(budgeted(240), set(), train_chars, 2, VOCAB, speed, "cpu")
+    assert steps[384] * 1024 / train_chars > 5  # the passes rule alone would go wider
+    assert p.shape.hidden_size == 384
+    assert any(line.startswith("384 units: the nearer its limits of 384 (5.5 passes") and "1.10x" in line
+               and "512 (2.7 passes, 1.6 characters per parameter: 1.28x)" in line for line in p.why), p.why
+    # A little more text makes the same budget 4.9 passes for 384 units: no disagreement.
+    wider_text = make_plan(budgeted(240), set(), 2_250_000, 2, VOCAB, speed, "cpu")
+    assert wider_text.shape.hidden_size == 384 and not any("nearer" in line for line in wider_text.why)

@@ -14,7 +14,10 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
   text at most `MAX_PASSES` times (a narrow network that reads a short text over and over
   learns less from it than a wider one that reads it fewer times), as long as that one still
   takes `FEWEST_STEPS`. On a big corpus the first decides (the budget is the limit), on a
-  small one the second (the text is). On a CPU no wider than 512 (`CPU_WIDTHS`);
+  small one the second (the text is). Where they disagree, the wider wins unless it is
+  further short of its characters per parameter than the narrower is over its passes
+  (`_strain`; on a Zen 5, 2x384 at 5.5 passes beat 2x512 at 1.6 characters per parameter
+  by 0.067 bpc). On a CPU no wider than 512 (`CPU_WIDTHS`);
 - dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
   more times) it grows with the logarithm of the excess (`dropout_for`);
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
@@ -235,8 +238,11 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
     """The wider of: the widest width whose run takes MIN_STEPS steps on MIN_CHARS_PER_PARAM
     characters per parameter, and the narrowest whose run reads the text at most MAX_PASSES
     times (narrow to wide; a wider width only takes fewer steps, reads the text fewer times
-    and has more parameters, so the search stops once both are settled)."""
+    and has more parameters, so the search stops once both are settled) -- unless that wider
+    one is further below its characters per parameter than the narrower is above its passes
+    (`_strain`): then the narrower."""
     by_steps, by_passes, trainable = widths[0], None, widths[0]
+    reads: dict[int, tuple[float, float]] = {}  # width -> (passes, characters per parameter)
     for width in widths:
         shape = replace(base, hidden_size=width, dropout=0.0)
         chars = chars_of(shape)[1]
@@ -244,6 +250,7 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
         if steps < FEWEST_STEPS:
             break  # too few steps to train this width (or any wider one) at all
         trainable = width
+        reads[width] = (passes, chars / shape.params(vocab_size))
         enough = steps >= MIN_STEPS and chars >= MIN_CHARS_PER_PARAM * shape.params(vocab_size)
         if enough:
             by_steps = width
@@ -251,11 +258,28 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
             by_passes = width
         if by_passes is not None and not enough:
             break
-    chosen = max(by_steps, by_passes or trainable)  # no width reads it few enough times: the widest
+    wide = by_passes or trainable  # no width reads it few enough times: the widest
     few = (f"{by_passes} units: the narrowest" if by_passes else f"none up to {trainable} units is")
     why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps and {MIN_CHARS_PER_PARAM:g} characters "
                f"per parameter; {few} reading the text at most {MAX_PASSES:g} times")
+    if wide <= by_steps:
+        return replace(base, hidden_size=by_steps)
+    chosen = by_steps if _strain(*reads[by_steps]) < _strain(*reads[wide]) else wide
+    why.append(f"{chosen} units: the nearer its limits of " + " and ".join(
+        f"{width} ({reads[width][0]:.1f} passes, {reads[width][1]:.1f} characters per parameter: "
+        f"{_strain(*reads[width]):.2f}x)" for width in (by_steps, wide)))
     return replace(base, hidden_size=chosen)
+
+
+def _strain(passes: float, chars_per_param: float) -> float:
+    """How far a run is past the worse of its two limits, as a ratio (1: within both): its
+    passes over MAX_PASSES, its characters per parameter under MIN_CHARS_PER_PARAM. Where
+    the two rules disagree, the width nearer its limits is chosen: on a Zen 5 at 4 minutes
+    on State of the Union, 2x384 read the text 5.5 times (1.10x) and 2x512 trained on 1.6
+    characters per parameter (1.29x short); 2x384 scored 1.577 bpc, 2x512 1.645. On a small
+    text the narrow widths read it many times more (250 KB on the Xeon: 2x512 at 9.6 passes,
+    0.7 characters per parameter, 2.9x) and the wide one stays, as in the panel's best cell."""
+    return max(1.0, passes / MAX_PASSES, MIN_CHARS_PER_PARAM / max(chars_per_param, 1e-9))
 
 
 def _name(shape: Shape) -> str:
