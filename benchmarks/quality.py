@@ -4,6 +4,8 @@
     python benchmarks/quality.py panel WORK --cells sotu@4m,code@1m --configs default,h384
     python benchmarks/quality.py planner WORK --cells all   # what charlm's planner picks, run
     python benchmarks/quality.py table WORK               # the markdown table of everything run
+    python benchmarks/quality.py panel SLOW --precision fp32 --cells sotu@4m --configs planner,w128e,w192e
+                                         # a slower machine: every run (and the planner) in fp32
 
 Corpora (built from NLTK's State of the Union and the Python standard library's own .py
 files; none goes into git): `sotu` (all of it, 2.07 M characters), `sotu-1m` and
@@ -18,6 +20,11 @@ included, as `--time` plans them; the planner's own speed probe is charged too).
 then go two at a time, one thread each, and their results do not depend on what else the
 machine is doing. `charlm train --time` on a quiet machine is checked separately (see
 benchmarks/RESULTS.md).
+
+`--precision fp32` on a CPU with native bf16 stands in for a slower machine, one without it
+(an AVX2 laptop, a Zen 1): every configuration, its speed and the planner's probe run in
+fp32, where widths differ in speed by other ratios than in bf16. Give it its own WORK folder,
+so its rows do not mix with the native panel's.
 
 Every result is appended to WORK/results.jsonl; `table` prints them per cell.
 """
@@ -277,9 +284,10 @@ def cells(spec: str) -> list[str]:
 # --- the planner's choice -------------------------------------------------------------------
 
 
-def planner_job(work: Path, cell: str) -> dict[str, Any]:
+def planner_job(work: Path, cell: str, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """What charlm's planner picks for a cell, given the same single-core speeds, charged the
-    time its probe would take (PROBE_TIMED_STEPS timed steps and the untimed warm-up steps per shape)."""
+    time its probe would take (PROBE_TIMED_STEPS timed steps and the untimed warm-up steps per
+    shape); `fixed`: settings every run of the panel has (as a user's flags, the plan keeps them)."""
     from charlm.config.run import RunConfig
     from charlm.training.budget import UNTIMED_STEPS
     from charlm.training.planner import PROBE_TIMED_STEPS, make_plan
@@ -291,14 +299,14 @@ def planner_job(work: Path, cell: str) -> dict[str, Any]:
 
     def speed(shape: Any) -> float:
         nonlocal probe_s
-        cps = speed_of(work, shape.settings())
+        cps = speed_of(work, {**shape.settings(), **(fixed or {})})
         probe_s += (PROBE_TIMED_STEPS + UNTIMED_STEPS) * shape.batch_size * shape.seq_len / cps
         return cps
 
     cfg = RunConfig()
     cfg.session.time = f"{BUDGETS[budget]}s"
-    plan = make_plan(cfg, set(), train_chars, val_chars, 96, speed, "cpu")
-    return schedule(work, cell, "planner", plan.settings, probe_s,
+    plan = make_plan(cfg, set(fixed or {}), train_chars, val_chars, 96, speed, "cpu")
+    return schedule(work, cell, "planner", {**plan.settings, **(fixed or {})}, probe_s,
                     plan={"why": plan.why, "passes": round(plan.passes, 2), "probe_s": round(probe_s, 2)})
 
 
@@ -344,11 +352,14 @@ def main() -> None:
     ap.add_argument("--cells", default="all")
     ap.add_argument("--configs", default="default")
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"],
+                    help="every run in this precision (fp32: a slower machine)")
     args = ap.parse_args()
     if args.what == "one":  # child: args.work is the job
         print(json.dumps(run_one(json.loads(args.work))))
         return
     work = Path(args.work)
+    fixed: dict[str, Any] = {"precision": args.precision} if args.precision else {}
     if args.what == "prepare":
         prepare(work)
         print(json.dumps(machine()))
@@ -356,11 +367,12 @@ def main() -> None:
         print(json.dumps({"chars_per_cpu_s": measure_speed(json.loads(args.settings))}))
     elif args.what == "panel":
         # "planner" among the configurations: what charlm's planner picks, in the same pool.
-        jobs = [planner_job(work, cell) if name == "planner" else schedule(work, cell, name, CONFIGS[name])
+        jobs = [planner_job(work, cell, fixed) if name == "planner"
+                else schedule(work, cell, name, {**CONFIGS[name], **fixed})
                 for cell in cells(args.cells) for name in args.configs.split(",")]
         run_jobs(work, jobs, args.parallel)
     elif args.what == "planner":
-        run_jobs(work, [planner_job(work, cell) for cell in cells(args.cells)], args.parallel)
+        run_jobs(work, [planner_job(work, cell, fixed) for cell in cells(args.cells)], args.parallel)
     else:
         table(work)
 
