@@ -292,6 +292,7 @@ def planner_job(work: Path, cell: str, fixed: dict[str, Any] | None = None) -> d
     from charlm.training.budget import UNTIMED_STEPS
     from charlm.training.planner import PROBE_TIMED_STEPS, make_plan
 
+    fixed = fixed or {}
     corpus, budget = cell.split("@")
     chars = len(corpus_path(work, corpus).read_text(encoding="utf-8"))
     train_chars, val_chars = train_part(chars)
@@ -299,14 +300,14 @@ def planner_job(work: Path, cell: str, fixed: dict[str, Any] | None = None) -> d
 
     def speed(shape: Any) -> float:
         nonlocal probe_s
-        cps = speed_of(work, {**shape.settings(), **(fixed or {})})
+        cps = speed_of(work, {**shape.settings(), **fixed})
         probe_s += (PROBE_TIMED_STEPS + UNTIMED_STEPS) * shape.batch_size * shape.seq_len / cps
         return cps
 
     cfg = RunConfig()
     cfg.session.time = f"{BUDGETS[budget]}s"
-    plan = make_plan(cfg, set(fixed or {}), train_chars, val_chars, 96, speed, "cpu")
-    return schedule(work, cell, "planner", {**plan.settings, **(fixed or {})}, probe_s,
+    plan = make_plan(cfg, set(fixed), train_chars, val_chars, 96, speed, "cpu")
+    return schedule(work, cell, "planner", {**plan.settings, **fixed}, probe_s,
                     plan={"why": plan.why, "passes": round(plan.passes, 2), "probe_s": round(probe_s, 2)})
 
 

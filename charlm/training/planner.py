@@ -251,7 +251,7 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
             break  # too few steps to train this width (or any wider one) at all
         trainable = width
         reads[width] = (passes, chars / shape.params(vocab_size))
-        enough = steps >= MIN_STEPS and chars >= MIN_CHARS_PER_PARAM * shape.params(vocab_size)
+        enough = steps >= MIN_STEPS and reads[width][1] >= MIN_CHARS_PER_PARAM
         if enough:
             by_steps = width
         if by_passes is None and passes <= MAX_PASSES:
