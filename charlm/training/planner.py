@@ -6,18 +6,19 @@ from these the planner predicts how many characters the budget buys and how many
 the text that is (E = characters / training characters), and chooses by a rule fitted to
 the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md):
 
-- width (a 2-layer LSTM), the wider of two: the widest whose run still takes `MIN_STEPS`
-  optimizer steps and trains on `MIN_CHARS_PER_PARAM` characters per parameter (a wider one
-  learns more per step but takes fewer of them, and below that it is not trained enough to
-  be worth its size: on a Zen 5, 2x512 took 5,063 steps in 4 minutes, 1.6 characters per
-  parameter, and lost 0.067 bpc to 2x384 at 5.3), and the narrowest whose run sees its
-  text at most `MAX_PASSES` times (a narrow network that reads a short text over and over
-  learns less from it than a wider one that reads it fewer times), as long as that one still
-  takes `FEWEST_STEPS`. On a big corpus the first decides (the budget is the limit), on a
-  small one the second (the text is). Where they disagree, the wider wins unless it is
-  further short of its characters per parameter than the narrower is over its passes
-  (`_strain`; on a Zen 5, 2x384 at 5.5 passes beat 2x512 at 1.6 characters per parameter
-  by 0.067 bpc). On a CPU no wider than 512 (`CPU_WIDTHS`);
+- width (a 2-layer LSTM), the wider of two: the one whose run does the most work, parameters
+  x characters trained (the widest within `WORK_SHARE` of the most), among the widths that
+  train on `MIN_CHARS_PER_PARAM` characters per parameter, and the narrowest whose run sees
+  its text at most `MAX_PASSES` times (a narrow network that reads a short text over and
+  over learns less from it than a wider one that reads it fewer times), as long as that one
+  still takes `FEWEST_STEPS`. Work is what differs between machines: a wider width is
+  slower by a ratio that depends on the CPU and its precision, and in every 4-minute hand
+  sweep on State of the Union (a Zen 5 in bf16 and in fp32 on one thread, a Zen 4, a Zen 1)
+  the width that did the most work scored best, at 3,000 steps on one machine and 9,900 on
+  another. On a big corpus the first decides (the budget is the limit), on a small one the
+  second (the text is). Where they disagree, the wider wins unless it is further from its
+  limits than the narrower is over its passes (`_Run.strain`; on a Zen 5, 2x384 at 5.5 passes
+  beat 2x512 at 84 % of its work by 0.062 bpc). On a CPU no wider than 512 (`CPU_WIDTHS`);
 - dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
   more times) it grows with the logarithm of the excess (`dropout_for`);
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
@@ -54,8 +55,13 @@ WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the widths a GPU may get
 # On a CPU, at most 512: the widest the panel measured. A 2x1024 LSTM the planner chose for a
 # 30-minute run (lr 0.005, bf16) stalled at 2.2 bpc after 2,800 steps, where 2x384 reaches 1.6.
 CPU_WIDTHS = WIDTHS[:WIDTHS.index(512) + 1]
-MIN_STEPS = 4000  # a width is worth its size when its run takes at least this many steps ...
-MIN_CHARS_PER_PARAM = 2.0  # ... and trains on at least this many characters per parameter,
+# A width is worth its size when its run does the most work (parameters x characters; the
+# widest within this share of the most: measured speeds are noisy by more than 5 %) ...
+WORK_SHARE = 0.95
+# ... among those training on this many characters per parameter (a Zen 5's 2x512 on 1.55
+# lost 0.067 bpc to 2x384, 0.89 of the work; the fp32 Zen 5's 2x384 on 1.6, 1.2x the work of
+# any narrower width, scored best) ...
+MIN_CHARS_PER_PARAM = 1.5
 MAX_PASSES = 5.0  # ... or when a narrower one would read the text more than this many times,
 FEWEST_STEPS = 1000  # ... as long as it still takes this many
 DROPOUT_PER_LOG_PASS = 0.1  # dropout = this x ln(passes / MAX_PASSES) beyond it ...
@@ -233,53 +239,75 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
     return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What a width's run would do with the budget."""
+
+    passes: float  # over the training text
+    chars_per_param: float
+    work: float  # parameters x characters trained
+
+    def strain(self, most_work: float) -> float:
+        """How far the run is past the worse of its limits, as a ratio (1: within all): its
+        passes over MAX_PASSES, its characters per parameter under MIN_CHARS_PER_PARAM, its
+        work under `most_work` (the most any width that trains enough does). Where the two
+        width rules disagree, the width nearer its limits is chosen: on a Zen 5 at 4 minutes
+        on State of the Union, 2x384 read the text 5.5 times (1.10x) and 2x512 did 84 % of
+        its work (1.19x); 2x384 scored 1.584 bpc, 2x512 1.645. On a small text the narrow
+        widths read it many times more (250 KB on the Xeon: 2x512 at 9.6 passes, 0.7
+        characters per parameter, 2.1x) and the wide one stays, as in the panel's best cell."""
+        return max(1.0, self.passes / MAX_PASSES, MIN_CHARS_PER_PARAM / max(self.chars_per_param, 1e-9),
+                   most_work / max(self.work, 1e-9))
+
+
 def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tuple[float, float]],
                   why: list[str], widths: tuple[int, ...], vocab_size: int) -> Shape:
-    """The wider of: the widest width whose run takes MIN_STEPS steps on MIN_CHARS_PER_PARAM
-    characters per parameter, and the narrowest whose run reads the text at most MAX_PASSES
-    times (narrow to wide; a wider width only takes fewer steps, reads the text fewer times
-    and has more parameters, so the search stops once both are settled) -- unless that wider
-    one is further below its characters per parameter than the narrower is above its passes
-    (`_strain`): then the narrower."""
-    by_steps, by_passes, trainable = widths[0], None, widths[0]
-    reads: dict[int, tuple[float, float]] = {}  # width -> (passes, characters per parameter)
+    """The wider of: the widest width within WORK_SHARE of the most work (parameters x
+    characters) among those training on MIN_CHARS_PER_PARAM characters per parameter, and
+    the narrowest whose run reads the text at most MAX_PASSES times -- unless that wider one
+    is further from its limits than the narrower is over its passes (`_Run.strain`): then
+    the narrower. Narrow to wide: a wider width only takes fewer steps, reads the text fewer
+    times and trains fewer characters per parameter, so the search stops once the passes
+    rule is settled and the work has passed its peak or the characters per parameter their
+    floor."""
+    runs: dict[int, _Run] = {}
+    by_passes: int | None = None
     for width in widths:
         shape = replace(base, hidden_size=width, dropout=0.0)
         chars = chars_of(shape)[1]
-        steps, passes = chars / shape.chars_per_batch, chars / max(1, train_chars)
-        if steps < FEWEST_STEPS:
+        if chars / shape.chars_per_batch < FEWEST_STEPS:
             break  # too few steps to train this width (or any wider one) at all
-        trainable = width
-        reads[width] = (passes, chars / shape.params(vocab_size))
-        enough = steps >= MIN_STEPS and reads[width][1] >= MIN_CHARS_PER_PARAM
-        if enough:
-            by_steps = width
-        if by_passes is None and passes <= MAX_PASSES:
+        params = shape.params(vocab_size)
+        run = runs[width] = _Run(chars / max(1, train_chars), chars / params, chars * params)
+        if by_passes is None and run.passes <= MAX_PASSES:
             by_passes = width
-        if by_passes is not None and not enough:
+        if by_passes is not None and (run.chars_per_param < MIN_CHARS_PER_PARAM
+                                      or run.work < WORK_SHARE * _most_work(runs)):
             break
-    wide = by_passes or trainable  # no width reads it few enough times: the widest
-    few = (f"{by_passes} units: the narrowest" if by_passes else f"none up to {trainable} units is")
-    why.append(f"{by_steps} units: the widest with {MIN_STEPS:,} steps and {MIN_CHARS_PER_PARAM:g} characters "
-               f"per parameter; {few} reading the text at most {MAX_PASSES:g} times")
-    if wide <= by_steps:
-        return replace(base, hidden_size=by_steps)
-    chosen = by_steps if _strain(*reads[by_steps]) < _strain(*reads[wide]) else wide
+    if not runs:  # no width takes FEWEST_STEPS: the narrowest
+        why.append(f"{widths[0]} units: no width takes {FEWEST_STEPS:,} steps")
+        return replace(base, hidden_size=widths[0])
+    most = _most_work(runs)
+    fed = [w for w, run in runs.items() if run.chars_per_param >= MIN_CHARS_PER_PARAM]
+    by_work = max((w for w in fed if runs[w].work >= WORK_SHARE * most), default=widths[0])
+    wide = by_passes or max(runs)  # no width reads it few enough times: the widest that trains
+    few = f"{by_passes} units: the narrowest" if by_passes else f"none up to {max(runs)} units is"
+    works = ", ".join(f"{w} {runs[w].work / 1e12:.1f}" for w in runs)
+    why.append(f"{by_work} units: the most work on {MIN_CHARS_PER_PARAM:g} characters per parameter "
+               f"(parameters x characters, 1e12: {works}); {few} reading the text at most {MAX_PASSES:g} times")
+    if wide <= by_work:
+        return replace(base, hidden_size=by_work)
+    chosen = by_work if runs[by_work].strain(most) < runs[wide].strain(most) else wide
     why.append(f"{chosen} units: the nearer its limits of " + " and ".join(
-        f"{width} ({reads[width][0]:.1f} passes, {reads[width][1]:.1f} characters per parameter: "
-        f"{_strain(*reads[width]):.2f}x)" for width in (by_steps, wide)))
+        f"{w} ({runs[w].passes:.1f} passes, {runs[w].chars_per_param:.1f} characters per parameter, "
+        f"{runs[w].work / most:.0%} of the most work: {runs[w].strain(most):.2f}x)" for w in (by_work, wide)))
     return replace(base, hidden_size=chosen)
 
 
-def _strain(passes: float, chars_per_param: float) -> float:
-    """How far a run is past the worse of its two limits, as a ratio (1: within both): its
-    passes over MAX_PASSES, its characters per parameter under MIN_CHARS_PER_PARAM. Where
-    the two rules disagree, the width nearer its limits is chosen: on a Zen 5 at 4 minutes
-    on State of the Union, 2x384 read the text 5.5 times (1.10x) and 2x512 trained on 1.6
-    characters per parameter (1.29x short); 2x384 scored 1.577 bpc, 2x512 1.645. On a small
-    text the narrow widths read it many times more (250 KB on the Xeon: 2x512 at 9.6 passes,
-    0.7 characters per parameter, 2.9x) and the wide one stays, as in the panel's best cell."""
-    return max(1.0, passes / MAX_PASSES, MIN_CHARS_PER_PARAM / max(chars_per_param, 1e-9))
+def _most_work(runs: dict[int, _Run]) -> float:
+    """The most work of the runs that train on MIN_CHARS_PER_PARAM characters per parameter
+    (0 if none does)."""
+    return max((r.work for r in runs.values() if r.chars_per_param >= MIN_CHARS_PER_PARAM), default=0.0)
 
 
 def _name(shape: Shape) -> str:

@@ -8,7 +8,8 @@ kernels, or the GPU; threads, PyTorch, precision, the shape and the vocabulary),
 run on the same machine measures nothing: its seconds go to training. A session that trains
 long enough writes what its own steps took over the probe's few (`remember_speed`): the
 probe's five steps can be off by half (measured on a 2-core EPYC: 59-73 ms a step for a
-2x384 LSTM the runs then trained at ~47 ms), and the planner's width rule is in steps.
+2x384 LSTM the runs then trained at ~47 ms), and the planner weighs the widths by the work
+(parameters x characters) those speeds buy.
 """
 
 from __future__ import annotations
