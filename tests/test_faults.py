@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import re
 import runpy
@@ -52,7 +53,7 @@ from charlm.model.network import CharRNN
 from charlm.model.size import parameter_count
 from charlm.storage import checkpoint, rundir
 from charlm.storage.runlock import LOCK_FILE, RunLock
-from charlm.training import divergence, memory, probe, session
+from charlm.training import divergence, memory, probe, reads, session
 from charlm.training import trainer as train
 from charlm.training.events import Callbacks
 
@@ -294,9 +295,12 @@ class Poison:
     ("nan", lambda loss: loss * float("nan"), "the loss is not a number"),
     ("exploded", lambda loss: loss * 50, "the loss jumped to "),
 ])
+@pytest.mark.parametrize("reads", [1, 8])
 def test_a_divergence_after_saves_keeps_the_last_good_checkpoint(runner, corpus_file, tmp_path, monkeypatch,
-                                                                what, make, said):
+                                                                what, make, said, reads):
+    """Read every step (a CPU) or every 8 (a GPU): step 25 diverges, nothing after step 20 is saved."""
     run = tmp_path / "run"
+    monkeypatch.setattr(train, "sync_interval", lambda *_: reads)
     monkeypatch.setattr(train, "stream_loss", Poison(25, make))
     res = runner.invoke(app, ["train", str(corpus_file), "--out", str(run), "--max-steps", "40", *TINY])
     monkeypatch.undo()
@@ -328,6 +332,71 @@ def test_a_diverged_step_never_reaches_the_weights(corpus_file, tmp_path, monkey
     with pytest.raises(Diverged) as info:
         session.fit(tiny_config(max_steps=10), [str(corpus_file)], tmp_path / "run", callbacks=Steps())
     assert info.value.step == 3 and seen == [1, 2]
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
+# --- the GPU's deferred reads, on the CPU -----------------------------------------------------
+
+
+def test_the_host_reads_the_losses_every_step_except_on_a_single_gpu():
+    assert reads.sync_interval("cpu", False, False) == 1
+    assert reads.sync_interval("cuda", False, False) == reads.SYNC_STEPS > 1
+    assert reads.sync_interval("cuda", True, False) == 1  # torchrun: the ranks agree every step
+    assert reads.sync_interval("cuda", False, True) == 1  # fp16: the loss scaler reads the host
+
+
+@pytest.fixture
+def gpu_reads(monkeypatch):
+    """The GPU's path on this CPU: the trainer reads the losses every 4 steps."""
+    monkeypatch.setattr(train, "sync_interval", lambda *_: 4)
+
+
+def test_read_every_few_steps_training_is_the_same_run_bit_for_bit(corpus_file, tmp_path, monkeypatch):
+    every = tmp_path / "every"
+    session.fit(tiny_config(max_steps=30), [str(corpus_file)], every)
+    monkeypatch.setattr(train, "sync_interval", lambda *_: 4)
+    forwards, told = Poison(0, lambda loss: loss), []
+
+    class Steps(Callbacks):
+        def on_step(self, stats):
+            told.append((stats.step, forwards.calls, stats.bpc))
+
+    monkeypatch.setattr(train, "stream_loss", forwards)
+    deferred = tmp_path / "deferred"
+    session.fit(tiny_config(max_steps=30), [str(corpus_file)], deferred, callbacks=Steps())
+    models_equal(every / "latest.pt", deferred / "latest.pt")
+    metrics = [(every / "metrics.jsonl").read_text(), (deferred / "metrics.jsonl").read_text()]
+    assert [json.loads(line)["train_bpc"] for line in metrics[0].splitlines()] == \
+           [json.loads(line)["train_bpc"] for line in metrics[1].splitlines()]
+    # Each step is told once, in order, with its loss, after the steps up to the next read
+    # (every 4, and at each evaluation: steps 10, 20, 30) have run.
+    assert [step for step, _, _ in told] == list(range(1, 31))
+    assert told[0][1] == 4 and told[8][1] == 10 and all(math.isfinite(bpc) for _, _, bpc in told)
+
+
+def test_read_every_few_steps_a_diverged_step_is_skipped_on_the_device(corpus_file, tmp_path, monkeypatch, gpu_reads):
+    """The NaN step 3 is not read until step 4; the fused optimizer skipped it on its own, so
+    the weights stay finite, and the run stops at step 3 having saved nothing."""
+    seen: list[int] = []
+
+    class Steps(Callbacks):
+        def on_step(self, stats):
+            seen.append(stats.step)
+
+    made: list[train.Trainer] = []
+    real = train.Trainer.__init__
+
+    def keep(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(train.Trainer, "__init__", keep)
+    monkeypatch.setattr(train, "stream_loss", Poison(3, lambda loss: loss * float("nan")))
+    with pytest.raises(Diverged) as info:
+        session.fit(tiny_config(max_steps=10), [str(corpus_file)], tmp_path / "run", callbacks=Steps())
+    assert info.value.step == 3 and seen == [1, 2]
+    assert made[-1].progress.step == 4  # step 4 ran before the host read step 3
+    assert all(bool(torch.isfinite(w).all()) for w in made[-1].model.parameters())
     assert not list((tmp_path / "run").glob("*.pt"))
 
 

@@ -176,6 +176,8 @@ def test_what_the_user_chose_is_kept():
     p = plan(100_000, 240, explicit={"hidden_size", "dropout", "lr"}, cfg=cfg)
     assert p.shape.hidden_size == 96 and p.shape.dropout == 0.05
     assert not {"hidden_size", "dropout", "lr"} & set(p.settings)
+    # The plan's line shows the rate the run trains at, the user's (it printed "lr -").
+    assert ", lr 0.001; " in p.summary() and ", lr 0.00816; " in plan(10**8, 240, scale=2).summary()
 
 
 def test_a_gpu_plan_uses_big_batches_unless_the_user_set_them():

@@ -10,6 +10,7 @@
     preflight.py    the checks around a run's writes: the lock, disk space
     memory.py       the memory a run needs, checked before anything is allocated
     divergence.py   when a step has diverged
+    reads.py        when the host reads a step's loss (every step on a CPU, every few on a GPU)
     distributed.py  torchrun / DDP, and a no-op stand-in for one process
     events.py       what training reports (Callbacks) and returns (TrainResult)
     tensorboard_log.py  --tensorboard: the metrics and previews as TensorBoard event files

@@ -1,7 +1,9 @@
 """When a training step has diverged, and what the user is told.
 
-The rule, checked after the backward pass and before the optimizer step (so a diverged
-step never reaches the weights). A step diverges when
+The rule, checked after the backward pass and before the optimizer step, so a diverged step
+never reaches the weights: on the host on a CPU; on a GPU on the device, where the fused
+optimizer skips a diverged step and the host reads the verdicts every few steps, before
+anything is saved (`charlm.training.reads`). A step diverges when
 
 - its loss is not a finite number (NaN or infinite), or
 - its gradient norm is not finite (in fp32 and bf16; under fp16 the loss scaler skips such
@@ -25,7 +27,11 @@ message says which checkpoint is the last good one and to train again with a low
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import torch
+
+from charlm.errors import Diverged
 from charlm.training.distributed import Dist
 
 MARGIN_BITS = 2.0
@@ -42,15 +48,15 @@ def loss_limit(vocab_size: int, last_val_bpc: float | None) -> float:
     return max(uniform + MARGIN_BITS, RATIO * reference)
 
 
-def verdict(loss_bits: float, grad_norm: float | None, limit: float) -> int:
-    """FINE, or why the step diverged (`grad_norm` None: not checked)."""
-    if not math.isfinite(loss_bits):
-        return LOSS_NOT_FINITE
-    if grad_norm is not None and not math.isfinite(grad_norm):
-        return GRAD_NOT_FINITE
-    if loss_bits > limit:
-        return EXPLODED
-    return FINE
+def verdict(loss_bits: float | torch.Tensor, grad_norm: float | torch.Tensor | None, limit: float) -> torch.Tensor:
+    """FINE, or why the step diverged, as a 0-d integer tensor on the loss's device (computed
+    there, so no host read is needed; `grad_norm` None: not checked)."""
+    loss = torch.as_tensor(loss_bits, dtype=torch.float32)
+    code = torch.where(loss > limit, EXPLODED, FINE)
+    if grad_norm is not None:
+        norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=loss.device)
+        code = torch.where(torch.isfinite(norm), code, GRAD_NOT_FINITE)
+    return torch.where(torch.isfinite(loss), code, LOSS_NOT_FINITE)
 
 
 def agreed(d: Dist, code: int, loss_bits: float) -> tuple[int, float]:
@@ -70,6 +76,12 @@ def describe(code: int, loss_bits: float, limit: float) -> str:
         return "the gradient is not finite (NaN or infinite)"
     return (f"the loss jumped to {loss_bits:,.1f} bits per character, above the limit of {limit:.1f} "
             "(see `charlm.training.divergence`)")
+
+
+def check_weights(models: Sequence[torch.nn.Module], step: int, lr: float, last_good: str | None) -> None:
+    """Raise `Diverged` if any weight of `models` is not finite: never saved."""
+    if not all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
+        raise Diverged(message(step, "the weights are not finite", lr, last_good), step)
 
 
 def message(step: int, what: str, lr: float, last_good: str | None) -> str:

@@ -117,6 +117,7 @@ class Plan:
     chars: float  # characters the budget buys
     passes: float
     params: int
+    lr: float  # the run's peak learning rate, the planner's or the user's
     why: list[str] = field(default_factory=list)
     probe_seconds: dict[str, float] = field(default_factory=dict)  # shape -> time its probe took
 
@@ -133,7 +134,7 @@ class Plan:
     def summary(self) -> str:
         s = self.shape
         return (f"plan: {s.num_layers}x{s.hidden_size} {s.cell.upper()}, {self.params:,} parameters, "
-                f"dropout {s.dropout:g}, batch {s.batch_size}x{s.seq_len}, lr {self.settings.get('lr', '-')}; "
+                f"dropout {s.dropout:g}, batch {s.batch_size}x{s.seq_len}, lr {self.lr:g}; "
                 f"{self.chars_per_s:,.0f} chars/s -> {self.chars:,.0f} chars, {self.passes:.1f} passes")
 
 
@@ -236,7 +237,8 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
     if time_cap is not None and interval_of(chosen, cps) != cfg.session.eval_interval:
         settings["eval_interval"] = interval_of(chosen, cps)
     why.insert(0, f"{passes:.1f} passes over {train_chars:,} training characters")
-    return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), why, timed)
+    return Plan(settings, chosen, cps, chars, passes, chosen.params(vocab_size), settings.get("lr", cfg.train.lr), why,
+                timed)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import copy
 import math
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,12 @@ from charlm.training import divergence
 from charlm.training.budget import Tick, TimeBudget, lr_at
 from charlm.training.distributed import Dist
 from charlm.training.events import Callbacks, EvalRecord, StepStats, TrainResult
+from charlm.training.reads import Unread, sync_interval
 
 RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
 
 # Returns the number of a signal that asks training to stop (SIGINT, SIGTERM), or 0.
 PendingSignal = Callable[[], int]
-
 
 class Trainer:
     """One run in one process: model, optimizer, data stream and the state a checkpoint holds."""
@@ -111,6 +112,8 @@ class Trainer:
         self.init = dict(init or {})  # where a fine-tuned run started (charlm.training.finetune)
         # The checkpoint to continue from should this session fail (None: nothing saved yet).
         self.last_saved: tuple[Path, int] | None = None
+        self.sync_every = sync_interval(device.type, d.enabled, self.scaler.is_enabled())
+        self._unread = Unread()  # steps whose loss the host has not read yet
 
     # --- checkpoint state -------------------------------------------------------------------
     def checkpoint(self, budget: BudgetState) -> Checkpoint | None:
@@ -187,7 +190,10 @@ class Trainer:
     def save(self, budget: TimeBudget, best: bool, step_file: bool) -> list[Path]:
         """Write latest.pt (and best.pt / a step file), each atomically. Every rank calls this
         (it gathers their states); rank 0 alone writes, and a failed write stops every rank."""
-        self._check_weights()
+        self.settle()  # no step is saved before the host has seen that it did not diverge
+        # Never save weights that are not finite (the step check should have caught it).
+        divergence.check_weights([self.model] + ([self.average] if self.average else []), self.progress.step,
+                                 self.cfg.train.lr, self.last_good())
         t0 = budget.clock()
         budget.note()
         ck = self.checkpoint(budget.state)
@@ -209,14 +215,6 @@ class Trainer:
     def last_good(self) -> str | None:
         return None if self.last_saved is None else f"{self.last_saved[0]} (step {self.last_saved[1]})"
 
-    def _check_weights(self) -> None:
-        """Refuse to save weights that are not finite (the step check should have caught it)."""
-        models = [self.model] if self.average is None else [self.model, self.average]
-        if all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
-            return
-        raise Diverged(divergence.message(self.progress.step, "the weights are not finite",
-                                          self.cfg.train.lr, self.last_good()), self.progress.step)
-
     # --- training ---------------------------------------------------------------------------
     def loop(self, budget: TimeBudget, callbacks: Callbacks, pending_signal: PendingSignal) -> TrainResult:
         """Train until the planned step count, the time cap, or a stop signal."""
@@ -230,17 +228,22 @@ class Trainer:
         while budget.running(p.step) and not early:
             tick, signum = self._stop_check(budget, pending_signal, callbacks)
             if signum:
+                self.settle(callbacks.on_step)
                 latest = self.save(budget, best=False, step_file=False)[-1]
                 d.barrier()  # the checkpoint is complete before any rank exits
                 raise TrainingInterrupted(signum, str(latest), p.step)
             if tick.out_of_time:
                 finished = False
                 break
-            callbacks.on_step(self.step(budget, tick.now))
-            if p.step % self.cfg.session.eval_interval == 0 or budget.at_end(p.step):
+            self.step(budget, tick.now)
+            due = p.step % self.cfg.session.eval_interval == 0 or budget.at_end(p.step)
+            if due or len(self._unread) >= self.sync_every:
+                self.settle(callbacks.on_step)
+            if due:
                 saved = self._evaluate_and_save(budget, callbacks)
                 patience = self.cfg.session.patience
                 early = bool(patience) and p.since_best >= patience and not budget.at_end(p.step)
+        self.settle(callbacks.on_step)
         if not finished and p.step and self.last_eval_step != p.step:
             # Stopped by the clock before the plan's end: still evaluate (best.pt) and save.
             saved = self._evaluate_and_save(budget, callbacks)
@@ -270,9 +273,11 @@ class Trainer:
             callbacks.on_plan(budget.total_steps)
         return tick, signum
 
-    def step(self, budget: TimeBudget, started: float) -> StepStats:
+    def step(self, budget: TimeBudget, started: float) -> None:
         """One optimizer step on the next batch (`started`: the budget's clock when the step's
-        turn began, so the stop check is counted as training time)."""
+        turn began, so the stop check is counted as training time). Its loss is read on the
+        host now (`sync_every` 1: a diverged step raises before the optimizer step) or at the
+        next `settle` (a diverged step is skipped on the device and raises there)."""
         p, tc, clock = self.progress, self.cfg.train, budget.clock
         lr = lr_at(p.step, budget.total_steps, tc)
         for group in self.optimizer.param_groups:
@@ -284,9 +289,14 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         # Clip the global gradient norm: one long sequence can otherwise blow up an RNN.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        bpc = loss.item() / LN2
-        # Before the optimizer step: a diverged step must never reach the weights.
-        self._check_step(bpc, None if self.scaler.is_enabled() else float(norm))
+        bits = loss.detach().float() / LN2
+        # Under fp16 the loss scaler owns infinite gradients: it skips such steps by design.
+        limit = divergence.loss_limit(len(self.vocab), p.last_val_bpc)
+        code = divergence.verdict(bits, None if self.scaler.is_enabled() else norm.detach(), limit)
+        if self.sync_every == 1:  # before the optimizer step: a diverged step must never reach the weights
+            self._stop_if(p.step + 1, *divergence.agreed(self.dist, int(code), float(bits)))
+        else:  # the fused optimizer skips the step on the device if it diverged (no host read)
+            self.optimizer.found_inf = (code != divergence.FINE).float()  # type: ignore[attr-defined]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._update_average(p.step)
@@ -297,20 +307,27 @@ class Trainer:
         chars = batch_chars * self.dist.world_size
         p.step += 1
         p.chars_seen += chars
-        p.loss_window = [p.loss_window[0] + bpc, p.loss_window[1] + 1]
         budget.stepped()
-        stats = StepStats(p.step, budget.total_steps, bpc, lr, chars / dt if dt > 0 else 0.0,
+        stats = StepStats(p.step, budget.total_steps, math.nan, lr, chars / dt if dt > 0 else 0.0,
                           clock() - budget.start, budget.time_cap, p.chars_seen)
+        self._unread.add(stats, bits, code)
         p.elapsed += clock() - started
-        return stats
 
-    def _check_step(self, bpc: float, grad_norm: float | None) -> None:
-        """Raise `Diverged` when this step diverged on any rank (`charlm.training.divergence`)."""
-        limit = divergence.loss_limit(len(self.vocab), self.progress.last_val_bpc)
-        code, bpc = divergence.agreed(self.dist, divergence.verdict(bpc, grad_norm, limit), bpc)
+    def settle(self, tell: Callable[[StepStats], None] | None = None) -> None:
+        """Read the pending steps' losses and verdicts on the host (one wait for the device),
+        in order: count each one's loss toward the next evaluation's training bpc and `tell`
+        its stats, bpc filled in, until one that diverged, which raises `Diverged`."""
+        p = self.progress
+        for stats, bits, code in self._unread.read():
+            self._stop_if(stats.step, code, bits)
+            p.loss_window = [p.loss_window[0] + bits, p.loss_window[1] + 1]
+            if tell is not None:
+                tell(replace(stats, bpc=bits))
+
+    def _stop_if(self, step: int, code: int, bpc: float) -> None:
+        """Raise `Diverged` at `step` unless its verdict is FINE (`charlm.training.divergence`)."""
         if code != divergence.FINE:
-            step = self.progress.step + 1
-            what = divergence.describe(code, bpc, limit)
+            what = divergence.describe(code, bpc, divergence.loss_limit(len(self.vocab), self.progress.last_val_bpc))
             raise Diverged(divergence.message(step, what, self.cfg.train.lr, self.last_good()), step)
 
     def _forward(self) -> tuple[torch.Tensor, State, int]:
