@@ -11,6 +11,9 @@
    State of the Union, its last 5 % held out) for each budget, in bf16 and in fp32: the plan,
    the steps, chars/s and the held-out bpc (best and final).
 4. Sampling: chars/s of one stream and of a batch of 64, on the GPU.
+5. Reads (`--parts reads`): chars/s of the planned 2x1024 (128 x 128, fp32, the weight
+   average on) when the host reads every step's loss against every `SYNC_STEPS`
+   (`charlm.training.reads`), 200 steps each, alternating, 3 rounds.
 
 Copy the lines into benchmarks/RESULTS.md with the device and the date. Needs a CUDA GPU;
 without one it says so and exits 2.
@@ -100,13 +103,53 @@ def sampling(corpus: list[str] | None) -> None:
             emit({"what": "sample", "rows": rows, "chars_per_s": round(steps * rows / (time.perf_counter() - t0))})
 
 
+def reads(vocab: int, steps: int = 200, rounds: int = 3, device_name: str = "cuda", width: int = 1024) -> None:
+    import numpy as np
+    import torch
+
+    from charlm.config.run import RunConfig
+    from charlm.data.vocab import Vocab
+    from charlm.storage.rundir import RunDir
+    from charlm.training.budget import TimeBudget
+    from charlm.training.reads import SYNC_STEPS
+    from charlm.training.trainer import Trainer
+
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cfg = RunConfig().updated({"hidden_size": width, "batch_size": 128, "seq_len": 128, "precision": "fp32",
+                               "ema": 0.999})
+    ids = np.random.default_rng(0).integers(0, vocab, 128 * 129 * (steps + 20) * 2, dtype=np.int64).astype(np.uint32)
+    chars = Vocab("".join(chr(0x100 + i) for i in range(vocab)))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, chars, ids, {}, RunDir(tmp), device)
+        budget = TimeBudget.fixed_steps(10**9, time.perf_counter)
+        budget.begin()
+        for _ in range(20):  # warm-up: cuDNN's plans, the allocator
+            trainer.step(budget, time.perf_counter())
+        trainer.settle()
+        for r in range(rounds):
+            for every in (1, SYNC_STEPS):
+                trainer.sync_every = every
+                sync()
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    trainer.step(budget, time.perf_counter())
+                    if (i + 1) % every == 0:
+                        trainer.settle()
+                trainer.settle()
+                sync()
+                sec = time.perf_counter() - t0
+                emit({"what": "reads", "round": r, "read_every": every, "hidden_size": width, "batch": "128x128",
+                      "ms_per_step": round(1000 * sec / steps, 2), "chars_per_s": round(steps * 128 * 128 / sec)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="1m,4m")
     ap.add_argument("--precisions", default="auto,bf16",
                     help="auto is fp32 on CUDA; bf16 is measured beside it")
     ap.add_argument("--seed", type=int, help="the runs' seed (default: charlm's)")
-    ap.add_argument("--parts", default="speed,quality,sample",
+    ap.add_argument("--parts", default="speed,quality,sample,reads",
                     help="which measurements, comma-separated (a device lease may not fit all in one call)")
     ap.add_argument("--corpus", action="append", help="CORPUS spec(s) (default: nltk:state_union)")
     args = ap.parse_args()
@@ -126,6 +169,8 @@ def main() -> None:
                 quality(args.corpus, budget, precision, args.seed)
     if "sample" in parts:
         sampling(args.corpus)
+    if "reads" in parts:
+        reads(96)
 
 
 if __name__ == "__main__":
