@@ -18,7 +18,7 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
   another. On a big corpus the first decides (the budget is the limit), on a small one the
   second (the text is). Where they disagree, the wider wins unless it is further from its
   limits than the narrower is over its passes (`_Run.strain`; on a Zen 5, 2x384 at 5.5 passes
-  beat 2x512 at 84 % of its work by 0.062 bpc). On a CPU no wider than 512 (`CPU_WIDTHS`);
+  beat 2x512 at 84 % of 2x384's work by 0.062 bpc). On a CPU no wider than 512 (`CPU_WIDTHS`);
 - dropout: none up to `MAX_PASSES`; beyond it (the widest network still sees the text many
   more times) it grows with the logarithm of the excess (`dropout_for`);
 - an average of the weights (`--ema`) over a share of the run that grows with the passes
@@ -255,7 +255,7 @@ class _Run:
         work under `most_work` (the most any width that trains enough does). Where the two
         width rules disagree, the width nearer its limits is chosen: on a Zen 5 at 4 minutes
         on State of the Union, 2x384 read the text 5.5 times (1.10x) and 2x512 did 84 % of
-        its work (1.19x); 2x384 scored 1.584 bpc, 2x512 1.645. On a small text the narrow
+        2x384's work (1.19x); 2x384 scored 1.584 bpc, 2x512 1.645. On a small text the narrow
         widths read it many times more (250 KB on the Xeon: 2x512 at 9.6 passes, 0.7
         characters per parameter, 2.1x) and the wide one stays, as in the panel's best cell."""
         return max(1.0, self.passes / MAX_PASSES, MIN_CHARS_PER_PARAM / max(self.chars_per_param, 1e-9),

@@ -49,6 +49,7 @@ RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * strid
 # Returns the number of a signal that asks training to stop (SIGINT, SIGTERM), or 0.
 PendingSignal = Callable[[], int]
 
+
 class Trainer:
     """One run in one process: model, optimizer, data stream and the state a checkpoint holds."""
 
@@ -192,8 +193,7 @@ class Trainer:
         (it gathers their states); rank 0 alone writes, and a failed write stops every rank."""
         self.settle()  # no step is saved before the host has seen that it did not diverge
         # Never save weights that are not finite (the step check should have caught it).
-        divergence.check_weights([self.model] + ([self.average] if self.average else []), self.progress.step,
-                                 self.cfg.train.lr, self.last_good())
+        divergence.check_weights([self.model, self.best_model], self.progress.step, self.cfg.train.lr, self.last_good())
         t0 = budget.clock()
         budget.note()
         ck = self.checkpoint(budget.state)
