@@ -104,24 +104,19 @@ def sampling(corpus: list[str] | None) -> None:
 
 
 def reads(vocab: int, steps: int = 200, rounds: int = 3, device_name: str = "cuda", width: int = 1024) -> None:
-    import numpy as np
     import torch
 
     from charlm.config.run import RunConfig
-    from charlm.data.vocab import Vocab
-    from charlm.storage.rundir import RunDir
     from charlm.training.budget import TimeBudget
+    from charlm.training.probe import trial_trainer
     from charlm.training.reads import SYNC_STEPS
-    from charlm.training.trainer import Trainer
 
     device = torch.device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = RunConfig().updated({"hidden_size": width, "batch_size": 128, "seq_len": 128, "precision": "fp32",
                                "ema": 0.999})
-    ids = np.random.default_rng(0).integers(0, vocab, 128 * 129 * (steps + 20) * 2, dtype=np.int64).astype(np.uint32)
-    chars = Vocab("".join(chr(0x100 + i) for i in range(vocab)))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, chars, ids, {}, RunDir(tmp), device)
+        trainer = trial_trainer(cfg, vocab, 20 + steps, device, tmp)  # the stream wraps around
         budget = TimeBudget.fixed_steps(10**9, time.perf_counter)
         budget.begin()
         for _ in range(20):  # warm-up: cuDNN's plans, the allocator

@@ -249,6 +249,11 @@ class _Run:
     chars_per_param: float
     work: float  # parameters x characters trained
 
+    @property
+    def fed(self) -> bool:
+        """Trains on enough characters for its parameters to be worth them."""
+        return self.chars_per_param >= MIN_CHARS_PER_PARAM
+
     def strain(self, most_work: float) -> float:
         """How far the run is past the worse of its limits, as a ratio (1: within all): its
         passes over MAX_PASSES, its characters per parameter under MIN_CHARS_PER_PARAM, its
@@ -283,15 +288,13 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
         run = runs[width] = _Run(chars / max(1, train_chars), chars / params, chars * params)
         if by_passes is None and run.passes <= MAX_PASSES:
             by_passes = width
-        if by_passes is not None and (run.chars_per_param < MIN_CHARS_PER_PARAM
-                                      or run.work < WORK_SHARE * _most_work(runs)):
+        if by_passes is not None and (not run.fed or run.work < WORK_SHARE * _most_work(runs)):
             break
     if not runs:  # no width takes FEWEST_STEPS: the narrowest
         why.append(f"{widths[0]} units: no width takes {FEWEST_STEPS:,} steps")
         return replace(base, hidden_size=widths[0])
     most = _most_work(runs)
-    fed = [w for w, run in runs.items() if run.chars_per_param >= MIN_CHARS_PER_PARAM]
-    by_work = max((w for w in fed if runs[w].work >= WORK_SHARE * most), default=widths[0])
+    by_work = max((w for w, run in runs.items() if run.fed and run.work >= WORK_SHARE * most), default=widths[0])
     wide = by_passes or max(runs)  # no width reads it few enough times: the widest that trains
     few = f"{by_passes} units: the narrowest" if by_passes else f"none up to {max(runs)} units is"
     works = ", ".join(f"{w} {runs[w].work / 1e12:.1f}" for w in runs)
@@ -309,7 +312,7 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
 def _most_work(runs: dict[int, _Run]) -> float:
     """The most work of the runs that train on MIN_CHARS_PER_PARAM characters per parameter
     (0 if none does)."""
-    return max((r.work for r in runs.values() if r.chars_per_param >= MIN_CHARS_PER_PARAM), default=0.0)
+    return max((r.work for r in runs.values() if r.fed), default=0.0)
 
 
 def _name(shape: Shape) -> str:

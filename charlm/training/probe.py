@@ -46,16 +46,24 @@ def step_seconds(shape: Shape, vocab_size: int, steps: int, device: Any, precisi
     own step (after the untimed warm-up steps), on random characters (speed does not depend on
     the text). `cfg` gives the rest of the recipe (the weight average costs a little too)."""
     trial = (cfg or RunConfig()).updated({**shape.settings(), "precision": precision})
-    chars = max(4 * shape.batch_size * (shape.seq_len + 1) * (steps + UNTIMED_STEPS), 10_000)
-    ids = np.random.default_rng(0).integers(0, vocab_size, chars, dtype=np.int64).astype(np.uint32)
-    vocab = Vocab("".join(chr(0x100 + i) for i in range(vocab_size)))
     rng, py_rng = torch.get_rng_state(), random.getstate()
     with tempfile.TemporaryDirectory() as tmp:
-        times = time_steps(Trainer(trial, vocab, ids, {}, RunDir(tmp), device), steps + UNTIMED_STEPS, clock)
+        times = time_steps(trial_trainer(trial, vocab_size, steps + UNTIMED_STEPS, device, tmp),
+                           steps + UNTIMED_STEPS, clock)
     # The trainer seeded the global RNGs: leave them as they were.
     torch.set_rng_state(rng)
     random.setstate(py_rng)
     return float(np.median(times[UNTIMED_STEPS:]))
+
+
+def trial_trainer(cfg: RunConfig, vocab_size: int, steps: int, device: Any, folder: str) -> Trainer:
+    """A trainer of `cfg` on random characters enough for `steps` steps (speed does not depend
+    on the text), writing nothing unless asked, into `folder`."""
+    t = cfg.train
+    chars = max(4 * t.batch_size * (t.seq_len + 1) * steps, 10_000)
+    ids = np.random.default_rng(0).integers(0, vocab_size, chars, dtype=np.int64).astype(np.uint32)
+    vocab = Vocab("".join(chr(0x100 + i) for i in range(vocab_size)))
+    return Trainer(cfg, vocab, ids, {}, RunDir(folder), device)
 
 
 def time_steps(trainer: Trainer, steps: int, clock: Callable[[], float] = time.perf_counter) -> list[float]:
