@@ -5,8 +5,9 @@
     python benchmarks/gpu.py --parts quality --budgets 4m --precisions bf16   # one slice of it
 
 1. The device: name, memory, PyTorch and CUDA versions, whether bf16 is supported.
-2. Speed: chars/s of a training step for the planner's candidate widths (2-layer LSTM,
-   batch 128 x 128, the planner's GPU layout), in bf16 and in fp32.
+2. Speed: chars/s of a training step for the planner's candidate widths (2-layer LSTM) in
+   each of the planner's GPU batch layouts (`LAYOUTS["cuda"]`: 128 x 128, 256 x 64, 512 x 32,
+   the same characters a step; it takes the fastest), in bf16 and in fp32.
 3. Quality: `charlm train --time B` as a user runs it (the planner on, the default corpus
    State of the Union, its last 5 % held out) for each budget, in bf16 and in fp32: the plan,
    the steps, chars/s and the held-out bpc (best and final).
@@ -46,16 +47,17 @@ def device_info() -> dict[str, Any]:
 def speeds(vocab: int) -> None:
     import torch
 
-    from charlm.training.planner import WIDTHS, Shape
+    from charlm.training.planner import LAYOUTS, WIDTHS, Shape
     from charlm.training.probe import step_seconds
 
     device = torch.device("cuda")
     for precision in ("bf16", "fp32"):
         for width in WIDTHS:
-            shape = Shape(hidden_size=width, batch_size=128, seq_len=128)
-            sec = step_seconds(shape, vocab, 10, device, precision, clock=time.perf_counter)
-            emit({"what": "speed", "precision": precision, "hidden_size": width, "batch": "128x128",
-                  "chars_per_s": round(shape.batch_size * shape.seq_len / sec)})
+            for batch, seq_len in LAYOUTS["cuda"]:
+                shape = Shape(hidden_size=width, batch_size=batch, seq_len=seq_len)
+                sec = step_seconds(shape, vocab, 10, device, precision, clock=time.perf_counter)
+                emit({"what": "speed", "precision": precision, "hidden_size": width, "batch": f"{batch}x{seq_len}",
+                      "chars_per_s": round(shape.batch_size * shape.seq_len / sec)})
 
 
 def quality(corpus: list[str] | None, budget: str, precision: str, seed: int | None = None) -> None:

@@ -27,9 +27,14 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
 - fine-tuning (`--init-from`): the shape is the base model's, the learning rate a tenth;
 - `--patience`: a run that will read its text more than `MAX_PASSES` times (or fine-tunes)
   stops once held-out bpc has not improved for `PATIENCE` evaluations;
-- the batch layout: 32 streams x 32 characters on a CPU, where small batches train as fast
-  per character as big ones and give more updates; on a GPU, which needs big batches to be
-  fast, 128 x 128;
+- the batch layout: 32 streams x 32 characters a step on a CPU, where small batches train as
+  fast per character as big ones and give more updates; on a GPU, which needs big batches to
+  be fast, 16,384 characters, as 128 x 128, 256 x 64 or 512 x 32 (`LAYOUTS`): the measured
+  fastest for the chosen width, if it trains `LAYOUT_GAIN` times as many characters a second
+  as the first:
+  the same characters a step keep the steps per character and the learning rate, and fewer
+  sequential time steps a call are what a GPU's step waits on (an H100 took ~18 ms for 128 of
+  them at every width from 256 to 1024);
 - evaluations under `--time`: spaced so that they (scoring, saving, previews) take at most
   `EVAL_SHARE` of the budget, as long as the run still evaluates `MIN_EVALS` times
   (`eval_interval_for`): every 200 steps they took a sixth of a 4-minute run.
@@ -70,6 +75,13 @@ BASE_LR, BASE_WIDTH = 1e-2, 256
 FINETUNE_LR_SCALE = 0.1  # fine-tuning: a tenth of the from-scratch rate (benchmarks/finetune.py)
 PATIENCE = 5  # evaluations without a better held-out bpc before a run that overfits stops
 EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the average's window, of the run
+# Batch layouts (streams, characters) a step may take, the first the default: each has the same
+# characters a step. Another is taken only where it trains this many times the characters a
+# second (the probe's few steps are noisy by more than 5 %).
+# A CPU keeps 32 x 32: more streams of shorter windows (64 x 16) may train faster there, but what
+# they do to held-out bpc is not measured yet.
+LAYOUTS = {"cpu": ((32, 32),), "cuda": ((128, 128), (256, 64), (512, 32))}
+LAYOUT_GAIN = 1.1
 PROBE_TIMED_STEPS = 5  # steps of each shape the probe times (after the untimed warm-up steps)
 # Evaluations (scoring, saving, previews) take at most this share of a --time budget ...
 EVAL_SHARE = 0.03
@@ -170,15 +182,20 @@ def eval_interval_for(seconds: float, sec_per_step: float, eval_seconds: float, 
 
 
 def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: int, vocab_size: int,
-              speed: Callable[[Shape], float], device_type: str, fine_tuning: bool = False) -> Plan:
+              speed: Callable[[Shape], float], device_type: str, fine_tuning: bool = False,
+              choose_layout: bool = True) -> Plan:
     """Choose the fields of `cfg` not in `explicit` for its budget (`--time` seconds or
     `--max-steps`; neither: the default step count), for a corpus of `train_chars` training
     and `val_chars` held-out characters, with `speed(shape)` the chars/s of a shape on this
-    machine (only asked when there is a time budget)."""
+    machine (only asked when there is a time budget). `choose_layout` False: the device's
+    first layout (records: how many of them a row holds depends on its length, which random
+    text does not measure)."""
     time_cap, max_steps = cfg.session.time_seconds(), cfg.session.max_steps or None
     base = Shape.of(cfg)
-    if "batch_size" not in explicit and "seq_len" not in explicit and device_type == "cuda":
-        base = replace(base, batch_size=128, seq_len=128)
+    layouts = LAYOUTS["cuda" if device_type == "cuda" else "cpu"]
+    free_layout = "batch_size" not in explicit and "seq_len" not in explicit
+    if free_layout:
+        base = replace(base, batch_size=layouts[0][0], seq_len=layouts[0][1])
     timed: dict[str, float] = {}  # seconds spent measuring each shape
     speeds: dict[str, float] = {}  # each shape is measured once: one plan, one speed per shape
 
@@ -212,11 +229,13 @@ def make_plan(cfg: RunConfig, explicit: set[str], train_chars: int, val_chars: i
     if time_cap is not None and "hidden_size" not in explicit:
         widths = WIDTHS if device_type == "cuda" else CPU_WIDTHS
         chosen = _choose_width(base, train_chars, chars_of, why, widths, vocab_size)
+    if time_cap is not None and free_layout and choose_layout:
+        chosen = _choose_layout(chosen, chars_of, why, layouts)
     settings: dict[str, Any] = {}
     if chosen.hidden_size != cfg.model.hidden_size:
         settings["hidden_size"] = chosen.hidden_size
-    if "batch_size" not in explicit and base.batch_size != cfg.train.batch_size:
-        settings["batch_size"], settings["seq_len"] = base.batch_size, base.seq_len
+    if (chosen.batch_size, chosen.seq_len) != (cfg.train.batch_size, cfg.train.seq_len):
+        settings["batch_size"], settings["seq_len"] = chosen.batch_size, chosen.seq_len
     cps, chars = chars_of(chosen)
     passes = chars / max(1, train_chars)
     if "dropout" not in explicit:
@@ -307,6 +326,26 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
         f"{w} ({runs[w].passes:.1f} passes, {runs[w].chars_per_param:.1f} characters per parameter, "
         f"{runs[w].work / most:.0%} of the most work: {runs[w].strain(most):.2f}x)" for w in (by_work, wide)))
     return replace(base, hidden_size=chosen)
+
+
+def _choose_layout(shape: Shape, chars_of: Callable[[Shape], tuple[float, float]], why: list[str],
+                   layouts: tuple[tuple[int, int], ...]) -> Shape:
+    """`shape` in the layout of `layouts` (the first: `shape`'s own) that trains the most
+    characters a second, if that is LAYOUT_GAIN times the first's; else in the first."""
+    first = replace(shape, batch_size=layouts[0][0], seq_len=layouts[0][1])
+    if len(layouts) < 2:
+        return first
+    speeds = {(b, n): chars_of(replace(shape, batch_size=b, seq_len=n))[0] for b, n in layouts}
+    fastest = max(speeds, key=lambda layout: speeds[layout])
+    gain = speeds[fastest] / max(speeds[layouts[0]], 1e-9)
+    measured = ", ".join(f"{b}x{n} {cps:,.0f}" for (b, n), cps in speeds.items())
+    if fastest != layouts[0] and gain >= LAYOUT_GAIN:
+        why.append(f"batch {fastest[0]}x{fastest[1]}: {gain:.2f}x the characters a second of "
+                   f"{layouts[0][0]}x{layouts[0][1]}, the same characters a step (chars/s: {measured})")
+        return replace(shape, batch_size=fastest[0], seq_len=fastest[1])
+    why.append(f"batch {layouts[0][0]}x{layouts[0][1]}: no layout of its characters a step trains "
+               f"{LAYOUT_GAIN:g}x as fast (chars/s: {measured})")
+    return first
 
 
 def _most_work(runs: dict[int, _Run]) -> float:

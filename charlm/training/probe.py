@@ -197,7 +197,8 @@ def plan_run(cfg: RunConfig, explicit: set[str], data: Ids | RecordSet, vocab_si
             return shape.chars_per_batch * d.world_size / seconds
 
         held = split_data(data, cfg.train.val_fraction)
-        plan = make_plan(cfg, explicit, len(held.train), len(held.val), vocab_size, speed, device.type, fine_tuning)
+        plan = make_plan(cfg, explicit, len(held.train), len(held.val), vocab_size, speed, device.type, fine_tuning,
+                         choose_layout=not isinstance(data, RecordSet))
         if cache.hits:
             plan.why.append(f"the speeds of {cache.hits} shape{'s' if cache.hits > 1 else ''} on this machine from "
                             f"{cache.path} (delete it to measure again)")
