@@ -31,10 +31,9 @@ the quality panel (benchmarks/quality.py; the table is in benchmarks/RESULTS.md)
   fast per character as big ones and give more updates; on a GPU, which needs big batches to
   be fast, 16,384 characters, as 128 x 128, 256 x 64 or 512 x 32 (`LAYOUTS`): the measured
   fastest for the chosen width, if it trains `LAYOUT_GAIN` times as many characters a second
-  as the first:
-  the same characters a step keep the steps per character and the learning rate, and fewer
-  sequential time steps a call are what a GPU's step waits on (an H100 took ~18 ms for 128 of
-  them at every width from 256 to 1024);
+  as the first. The same characters a step keep the steps per character and the learning
+  rate; the sequential time steps of a call are what a GPU's step waits on (an H100 took
+  ~18 ms for 128 of them at every width from 256 to 1024);
 - evaluations under `--time`: spaced so that they (scoring, saving, previews) take at most
   `EVAL_SHARE` of the budget, as long as the run still evaluates `MIN_EVALS` times
   (`eval_interval_for`): every 200 steps they took a sixth of a 4-minute run.
