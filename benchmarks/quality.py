@@ -49,9 +49,7 @@ SPEED_CHARS = 120_000  # characters timed per speed measurement (after 3 warm-up
 
 REGULARIZED: dict[str, dict[str, Any]] = {
     "wd3": {"weight_drop": 0.3}, "wd5": {"weight_drop": 0.5}, "wd3ld1": {"weight_drop": 0.3, "locked_dropout": 0.1},
-    "const": {"schedule": "constant"}, "d1const": {"dropout": 0.1, "schedule": "constant"},
-    # AdamW's decoupled weight decay, 10 and 30 times the default's 0.01: a regularizer that costs no time.
-    "dec1": {"weight_decay": 0.1}, "dec3": {"weight_decay": 0.3}}
+    "const": {"schedule": "constant"}, "d1const": {"dropout": 0.1, "schedule": "constant"}}
 
 # Hand configurations: each changes a few settings from the built-in defaults. "ema": "auto"
 # takes the planner's decay for the run's steps and passes (`charlm.training.planner.ema_for`).

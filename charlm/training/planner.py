@@ -329,22 +329,21 @@ def _choose_width(base: Shape, train_chars: int, chars_of: Callable[[Shape], tup
 
 def _choose_layout(shape: Shape, chars_of: Callable[[Shape], tuple[float, float]], why: list[str],
                    layouts: tuple[tuple[int, int], ...]) -> Shape:
-    """`shape` in the layout of `layouts` (the first: `shape`'s own) that trains the most
-    characters a second, if that is LAYOUT_GAIN times the first's; else in the first."""
-    first = replace(shape, batch_size=layouts[0][0], seq_len=layouts[0][1])
+    """`shape` (in the first of `layouts`) in the layout that trains the most characters a
+    second, if that is LAYOUT_GAIN times the first's; else as it is."""
     if len(layouts) < 2:
-        return first
+        return shape
     speeds = {(b, n): chars_of(replace(shape, batch_size=b, seq_len=n))[0] for b, n in layouts}
-    fastest = max(speeds, key=lambda layout: speeds[layout])
-    gain = speeds[fastest] / max(speeds[layouts[0]], 1e-9)
-    measured = ", ".join(f"{b}x{n} {cps:,.0f}" for (b, n), cps in speeds.items())
-    if fastest != layouts[0] and gain >= LAYOUT_GAIN:
-        why.append(f"batch {fastest[0]}x{fastest[1]}: {gain:.2f}x the characters a second of "
-                   f"{layouts[0][0]}x{layouts[0][1]}, the same characters a step (chars/s: {measured})")
-        return replace(shape, batch_size=fastest[0], seq_len=fastest[1])
-    why.append(f"batch {layouts[0][0]}x{layouts[0][1]}: no layout of its characters a step trains "
+    (b, n), first = max(speeds, key=lambda layout: speeds[layout]), layouts[0]
+    gain = speeds[b, n] / max(speeds[first], 1e-9)
+    measured = ", ".join(f"{bb}x{nn} {cps:,.0f}" for (bb, nn), cps in speeds.items())
+    if gain >= LAYOUT_GAIN:
+        why.append(f"batch {b}x{n}: {gain:.2f}x the characters a second of {first[0]}x{first[1]}, the same "
+                   f"characters a step (chars/s: {measured})")
+        return replace(shape, batch_size=b, seq_len=n)
+    why.append(f"batch {first[0]}x{first[1]}: no layout of its characters a step trains "
                f"{LAYOUT_GAIN:g}x as fast (chars/s: {measured})")
-    return first
+    return shape
 
 
 def _most_work(runs: dict[int, _Run]) -> float:
