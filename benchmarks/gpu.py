@@ -57,7 +57,7 @@ def speeds(vocab: int) -> None:
                 shape = Shape(hidden_size=width, batch_size=batch, seq_len=seq_len)
                 sec = step_seconds(shape, vocab, 10, device, precision, clock=time.perf_counter)
                 emit({"what": "speed", "precision": precision, "hidden_size": width, "batch": f"{batch}x{seq_len}",
-                      "chars_per_s": round(shape.batch_size * shape.seq_len / sec)})
+                      "chars_per_s": round(shape.chars_per_batch / sec)})
 
 
 def quality(corpus: list[str] | None, budget: str, precision: str, seed: int | None = None) -> None:

@@ -77,8 +77,8 @@ EMA_SHARE_PER_PASS, EMA_MIN_SHARE, EMA_MAX_SHARE = 0.02, 0.02, 0.25  # the avera
 # Batch layouts (streams, characters) a step may take, the first the default: each has the same
 # characters a step. Another is taken only where it trains this many times the characters a
 # second (the probe's few steps are noisy by more than 5 %).
-# A CPU keeps 32 x 32: more streams of shorter windows (64 x 16) may train faster there, but what
-# they do to held-out bpc is not measured yet.
+# A CPU keeps 32 x 32: more streams of shorter windows (64 x 16) trained 0.95-0.99x its characters
+# a second at 2 x 512 on a Zen 4 (benchmarks/RESULTS.md), so there is nothing to choose there.
 LAYOUTS = {"cpu": ((32, 32),), "cuda": ((128, 128), (256, 64), (512, 32))}
 LAYOUT_GAIN = 1.1
 PROBE_TIMED_STEPS = 5  # steps of each shape the probe times (after the untimed warm-up steps)
